@@ -1,0 +1,360 @@
+"""The contracts strategies and adapters meet through.
+
+A *strategy* (a compression method) never sees a model class; an *adapter* (an architecture) never names a
+strategy. The runtime in `tokcomp.runtime` connects them: the adapter says where the visual tokens and the
+layers are, the runtime builds a view of the tokens for the strategy, and applies the strategy's decision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from .errors import ScheduleError
+
+if TYPE_CHECKING:
+    from .schedule import Stage
+
+__all__ = [
+    "SITES",
+    "Site",
+    "VisualItem",
+    "SampleLayout",
+    "Projections",
+    "LLMView",
+    "LLMDecision",
+    "Strategy",
+    "LLMStrategy",
+    "Adapter",
+    "AttentionParts",
+]
+
+Site = Literal["encoder", "projector", "llm"]
+SITES: tuple[str, ...] = ("encoder", "projector", "llm")
+
+
+@dataclass(frozen=True)
+class VisualItem:
+    """One image or video in a sample, as its tokens enter the LLM.
+
+    Attributes:
+        kind: ``"image"`` or ``"video"``.
+        grid: ``(t, h, w)`` of the item's tokens as they enter the LLM (after the projector's merge).
+        start: Offset of the item's first token among the sample's visual tokens.
+        count: Number of visual tokens of the item (``t * h * w`` unless the architecture adds extras).
+    """
+
+    kind: str
+    grid: tuple[int, int, int]
+    start: int
+    count: int
+
+
+@dataclass
+class SampleLayout:
+    """Where one sample's visual tokens are in its input sequence.
+
+    Attributes:
+        positions: ``(n,)`` sequence indices of the visual tokens, ascending.
+        items: The images/videos, in sequence order; their ``start``/``count`` partition ``0..n-1``.
+        coords: ``(n, 3)`` long tensor, each token's ``(t, row, col)`` inside its item's grid.
+        item_of: ``(n,)`` long tensor, the index into ``items`` of each token.
+    """
+
+    positions: torch.Tensor
+    items: list[VisualItem]
+    coords: torch.Tensor
+    item_of: torch.Tensor
+
+    @property
+    def num_visual(self) -> int:
+        """Number of visual tokens in the sample."""
+        return int(self.positions.numel())
+
+    @classmethod
+    def from_items(cls, positions: torch.Tensor, items: Sequence[VisualItem]) -> SampleLayout:
+        """Build a layout whose tokens are laid out in raster order ``(t, row, col)`` inside each item."""
+        coords, item_of = [], []
+        for i, item in enumerate(items):
+            t, h, w = item.grid
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+            c = torch.stack([tt.flatten(), hh.flatten(), ww.flatten()], dim=1)
+            if c.shape[0] != item.count:
+                raise ValueError(f"item {i} has grid {item.grid} but {item.count} tokens")
+            coords.append(c)
+            item_of.append(torch.full((item.count,), i, dtype=torch.long))
+        dev = positions.device
+        if coords:
+            return cls(positions, list(items), torch.cat(coords).to(dev), torch.cat(item_of).to(dev))
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        return cls(positions, [], empty.view(0, 3), empty)
+
+
+@dataclass
+class Projections:
+    """A decoder layer's own query/key projections of one sample's current tokens (computed on request).
+
+    All tensors cover the sample's valid tokens present at the layer's input, in sequence order.
+
+    Attributes:
+        q: ``(H, N, d)`` queries before RoPE.
+        k: ``(H_kv, N, d)`` keys before RoPE.
+        q_rope: ``(H, N, d)`` queries after RoPE.
+        k_rope: ``(H_kv, N, d)`` keys after RoPE.
+        visual: ``(N,)`` bool, which of the N tokens are the visual tokens of the view (same order).
+        hidden: ``(N, D)`` the residual-stream hidden states entering the layer (before its norm).
+        scaling: The attention's softmax scale (usually ``d ** -0.5``).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    q_rope: torch.Tensor
+    k_rope: torch.Tensor
+    visual: torch.Tensor
+    hidden: torch.Tensor
+    scaling: float
+
+
+@dataclass
+class LLMView:
+    """What an LLM-site strategy sees of one sample before decoder layer ``layer``.
+
+    Attributes:
+        layer: Index of the decoder layer whose input is being reduced (0-based).
+        num_layers: Depth of the LLM.
+        stage_layers: The sorted layers of the stage this call belongs to.
+        hidden: ``(n, D)`` the visual tokens still present, in their original order.
+        text_hidden: ``(m, D)`` the sample's other (non-visual, non-padding) tokens.
+        index: ``(n,)`` each present token's index among the sample's *original* visual tokens.
+        sizes: ``(n,)`` float, how many original visual tokens each present token stands for.
+        layout: The sample's original visual layout (items, grids, coordinates).
+        sample: Row of the batch this view belongs to (for bookkeeping only: decisions must not depend on
+            it, or a batch would differ from its samples run alone).
+    """
+
+    layer: int
+    num_layers: int
+    stage_layers: tuple[int, ...]
+    hidden: torch.Tensor
+    text_hidden: torch.Tensor
+    index: torch.Tensor
+    sizes: torch.Tensor
+    layout: SampleLayout
+    sample: int
+    _scores: Callable[[str], torch.Tensor] | None = field(default=None, repr=False)
+    _projections: Callable[[], Projections] | None = field(default=None, repr=False)
+
+    @property
+    def num_present(self) -> int:
+        """Number of visual tokens present at this layer's input."""
+        return int(self.index.numel())
+
+    @property
+    def num_original(self) -> int:
+        """Number of visual tokens the sample had when it entered the LLM."""
+        return self.layout.num_visual
+
+    @property
+    def coords(self) -> torch.Tensor:
+        """``(n, 3)`` ``(t, row, col)`` of each present token in its item's grid."""
+        return self.layout.coords[self.index]
+
+    @property
+    def item_of(self) -> torch.Tensor:
+        """``(n,)`` item index of each present token."""
+        return self.layout.item_of[self.index]
+
+    def attention_scores(self, query: str = "last") -> torch.Tensor:
+        """Head-averaged attention probability each present visual token receives.
+
+        Computed by the runtime from the previous layer's own q/k projections (the layer whose output
+        enters ``layer``), never from a materialised attention matrix of the model.
+
+        Args:
+            query: ``"last"``: the last valid token's query row (FastV's code); ``"mean"``: the mean over
+                every valid query row of the probability it gives each key (FastV's paper).
+
+        Returns:
+            ``(n,)`` float32 scores.
+        """
+        if self._scores is None:
+            raise RuntimeError("this strategy did not declare needs_scores=True, so no scores were prepared")
+        return self._scores(query)
+
+    def projections(self) -> Projections:
+        """This layer's own q/k projections of the sample's tokens (see `Projections`)."""
+        if self._projections is None:
+            raise RuntimeError("projections are not available in this view")
+        return self._projections()
+
+
+@dataclass
+class LLMDecision:
+    """What an LLM-site strategy decided for one sample.
+
+    Attributes:
+        keep: ``(k,)`` long tensor of indices into the view's present visual tokens, ascending. The others
+            are removed from the sequence from this layer on.
+        hidden: Optional ``(k, D)`` new hidden states of the kept tokens (a merge writes the cluster's value
+            at its kept slot).
+        sizes: Optional ``(k,)`` new sizes of the kept tokens. Sizes other than 1 switch on proportional
+            attention (``log size`` added to the attention logits of those keys) in the layers that follow.
+        info: Free-form numbers the strategy wants in the report.
+    """
+
+    keep: torch.Tensor
+    hidden: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Strategy:
+    """Base class of every compression method.
+
+    Subclasses are dataclasses whose fields are the method's parameters. Class attributes declare what
+    the method needs and where it may run; the schedule validator reads them.
+
+    Attributes:
+        name: The registered name (``Stage("name", ...)`` finds the class by it).
+        sites: The sites the method can run at.
+        needs_scores: The runtime must prepare attention scores (`LLMView.attention_scores`).
+        needs_projections: The runtime must offer the layer's q/k (`LLMView.projections`).
+        preserves_grid: Encoder/projector sites: the output is still a rectangular grid.
+    """
+
+    name: ClassVar[str] = ""
+    sites: ClassVar[frozenset[str]] = frozenset()
+    needs_scores: ClassVar[bool] = False
+    needs_projections: ClassVar[bool] = False
+    preserves_grid: ClassVar[bool] = True
+
+    def check(self) -> None:
+        """Validate the parameters on their own; raise `ScheduleError` saying what to change."""
+
+    def default_layers(self, num_layers: int) -> list[int]:
+        """Layers used when a stage gives none."""
+        raise ScheduleError(f"strategy {self.name!r} has no default layers: pass layers=[...] to its Stage")
+
+    def validate(self, stage: Stage, adapter: Adapter) -> None:
+        """Model-dependent checks, run by `tokcomp.compress` before anything runs."""
+
+    def params(self) -> dict[str, Any]:
+        """The strategy's parameters as a plain dict (for reports and schedule files)."""
+        if dataclasses.is_dataclass(self):
+            return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {}
+
+
+class LLMStrategy(Strategy):
+    """A strategy that runs at the ``llm`` site: it picks which visual tokens go on into a layer."""
+
+    sites: ClassVar[frozenset[str]] = frozenset({"llm"})
+
+    def select(self, view: LLMView) -> LLMDecision:
+        """Decide, for one sample, which of its present visual tokens enter ``view.layer``."""
+        raise NotImplementedError
+
+
+def check_keep_ratio(name: str, value: float) -> None:
+    """Raise a `ScheduleError` unless ``0 < value <= 1``."""
+    if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise ScheduleError(
+            f"{name}: keep_ratio must be in (0, 1], got {value!r}; it is the fraction of visual tokens KEPT "
+            "(0.25 keeps a quarter). To drop every visual token use the 'vtw' strategy."
+        )
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """The pieces of a decoder layer the runtime needs to compute scores without the model's attention.
+
+    Attributes:
+        norm: The layer's input norm (applied before q/k/v projections).
+        q_proj: Query projection.
+        k_proj: Key projection.
+        num_heads: Query heads.
+        num_kv_heads: Key/value heads.
+        head_dim: Size of one head.
+        scaling: Softmax scale.
+    """
+
+    norm: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+
+
+class Adapter:
+    """Base class of the per-architecture adapters.
+
+    An adapter is built for one model instance. It tells the runtime where the LLM's decoder layers are,
+    where each sample's visual tokens sit in the input sequence and what grid they form, and which
+    constraints the architecture puts on a schedule.
+
+    Attributes:
+        name: The registered name.
+        model_classes: Names of the `transformers` classes it supports (for error messages).
+        sites: The sites this adapter can hook.
+        grid_multiple: The projector's grid unit: encoder-side merges must keep grid sides divisible by it.
+    """
+
+    name: ClassVar[str] = ""
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    sites: ClassVar[frozenset[str]] = frozenset({"llm"})
+    grid_multiple: ClassVar[int] = 1
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        """Whether this adapter can drive ``model``."""
+        return type(model).__name__ in cls.model_classes
+
+    # -- LLM -------------------------------------------------------------------------------------------
+    @property
+    def language_model(self) -> nn.Module:
+        """The bare decoder stack (embeddings, layers, final norm)."""
+        raise NotImplementedError
+
+    @property
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        """The LLM's decoder layers, in order."""
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        """Depth of the LLM."""
+        return len(self.decoder_layers)
+
+    @property
+    def attn_implementation(self) -> str:
+        """The attention backend the LLM runs with (``sdpa``, ``eager``, ``flash_attention_2``, ...)."""
+        return str(self.language_model.config._attn_implementation)
+
+    def attention_parts(self, layer: int) -> AttentionParts:
+        """The norm and q/k projections of decoder layer ``layer``."""
+        block = self.decoder_layers[layer]
+        attn = block.self_attn
+        cfg = self.language_model.config
+        return AttentionParts(
+            norm=block.input_layernorm,
+            q_proj=attn.q_proj,
+            k_proj=attn.k_proj,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=attn.head_dim,
+            scaling=float(attn.scaling),
+        )
+
+    def layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
+        """Each sample's visual layout, from the keyword arguments of a prefill call of the model."""
+        raise NotImplementedError

@@ -1,0 +1,25 @@
+"""The exceptions tokcomp raises: each names what is wrong and what to change."""
+
+from __future__ import annotations
+
+__all__ = ["TokcompError", "ScheduleError", "UnsupportedModelError", "PluginError", "RuntimeStateError"]
+
+
+class TokcompError(Exception):
+    """Base class of every error tokcomp raises on purpose."""
+
+
+class ScheduleError(TokcompError, ValueError):
+    """A schedule cannot run on this model; raised by `tokcomp.compress` before anything runs."""
+
+
+class UnsupportedModelError(TokcompError, TypeError):
+    """No registered adapter recognises the model passed to `tokcomp.compress`."""
+
+
+class PluginError(TokcompError, ImportError):
+    """A plugin failed to load, or two plugins registered the same name."""
+
+
+class RuntimeStateError(TokcompError, RuntimeError):
+    """The model was called in a way the compression runtime cannot follow (e.g. a foreign KV cache)."""

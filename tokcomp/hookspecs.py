@@ -1,0 +1,40 @@
+"""The pluggy hook specifications a tokcomp plugin implements.
+
+A plugin is a module (or object) with functions marked ``@tokcomp.hookimpl``, announced under the
+entry-point group ``tokcomp`` in its package metadata::
+
+    [project.entry-points.tokcomp]
+    my-plugin = "my_package.tokcomp_plugin"
+
+Each hook receives a ``register`` callable; call it once per thing the plugin provides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import pluggy
+
+__all__ = ["hookspec", "hookimpl", "TokcompHookSpecs", "PROJECT_NAME"]
+
+PROJECT_NAME = "tokcomp"
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+class TokcompHookSpecs:
+    """The hooks tokcomp calls on every plugin."""
+
+    @hookspec
+    def tokcomp_register_strategies(self, register: Callable[[type], None]) -> None:
+        """Register strategy classes: ``register(MyStrategy)``; the class's ``name`` is its key."""
+
+    @hookspec
+    def tokcomp_register_adapters(self, register: Callable[[type], None]) -> None:
+        """Register adapter classes: ``register(MyAdapter)``; the class's ``name`` is its key."""
+
+    @hookspec
+    def tokcomp_register_presets(self, register: Callable[..., None]) -> None:
+        """Register schedule presets: ``register(name, factory, description)``.
+
+        ``factory(num_layers: int) -> Schedule`` builds the schedule for an LLM of that depth.
+        """

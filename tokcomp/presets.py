@@ -1,0 +1,52 @@
+"""Built-in schedule presets (`Schedule.preset`), registered through the ``tokcomp`` entry point.
+
+Each preset is a function of the LLM's depth. Where its numbers come from is in its description.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .hookspecs import hookimpl
+from .schedule import Schedule, Stage
+
+__all__ = ["tokcomp_register_presets", "PRESETS"]
+
+
+def _spu(num_layers: int) -> Schedule:
+    from tokcomp.strategies import SPU
+
+    return Schedule([Stage(SPU(), site="llm", layers=range(min(2, num_layers - 1), num_layers))])
+
+
+def _luvc_document(num_layers: int) -> Schedule:
+    from tokcomp.strategies import SPU
+
+    return Schedule([Stage(SPU(), site="llm", layers=range(num_layers // 2, num_layers))])
+
+
+def _fastv(num_layers: int) -> Schedule:
+    from tokcomp.strategies import FastV
+
+    return Schedule([Stage(FastV(keep_ratio=0.5), site="llm", layers=[min(2, num_layers - 1)])])
+
+
+def _vtw(num_layers: int) -> Schedule:
+    from tokcomp.strategies import VTW
+
+    return Schedule([Stage(VTW(), site="llm", layers=[num_layers // 2])])
+
+
+PRESETS: dict[str, tuple[Callable[[int], Schedule], str]] = {
+    "spu": (_spu, "SPU linear cascade from layer 2 to zero visual tokens at the last layer (LUVC, LLM side)"),
+    "luvc-document": (_luvc_document, "no OIM, SPU cascade from half depth (LUVC: documents/charts/OCR)"),
+    "fastv": (_fastv, "FastV K=2, R=50% (the paper's headline setting)"),
+    "vtw": (_vtw, "VTW at half depth (reference K=15/16 of 32 layers); use vtw.search_k for a model"),
+}
+
+
+@hookimpl
+def tokcomp_register_presets(register: Callable[..., None]) -> None:
+    """Register the built-in presets."""
+    for name, (factory, description) in PRESETS.items():
+        register(name, factory, description)

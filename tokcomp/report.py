@@ -1,0 +1,106 @@
+"""What a compressed run did, per layer and per stage (``run.report()``)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["StageEvent", "Report"]
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """One stage acting on one sample at one layer.
+
+    Attributes:
+        stage: The stage's label (``"0:spu@llm"``).
+        layer: The layer (decoder layer for ``llm``) at whose input it acted.
+        sample: Row of the batch.
+        tokens_in: Visual tokens present before.
+        tokens_out: Visual tokens kept.
+        info: Numbers the strategy reported.
+    """
+
+    stage: str
+    layer: int
+    sample: int
+    tokens_in: int
+    tokens_out: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """The last prefill of a `tokcomp.runtime.CompressionRun`.
+
+    Attributes:
+        num_layers: LLM depth.
+        visual_tokens: ``[layer][sample]`` visual tokens entering each decoder layer.
+        sequence_slots: ``[layer]`` sequence length (batch width, padding included) entering each layer.
+        original_visual: ``[sample]`` visual tokens at the LLM input.
+        events: Every stage decision.
+        stages: The stage labels of the schedule.
+        overhead_s: Wall time spent inside the strategies (their own cost).
+        num_prefills: Prefill calls seen by the run (one per ``generate()``).
+    """
+
+    num_layers: int
+    visual_tokens: list[list[int]]
+    sequence_slots: list[int]
+    original_visual: list[int]
+    events: list[StageEvent]
+    stages: list[str]
+    overhead_s: float = 0.0
+    num_prefills: int = 0
+
+    @property
+    def batch(self) -> int:
+        """Number of samples."""
+        return len(self.original_visual)
+
+    def tokens_for(self, sample: int) -> list[int]:
+        """Visual tokens entering each LLM layer for one sample."""
+        return [row[sample] for row in self.visual_tokens]
+
+    def retained_fraction(self) -> float:
+        """Visual tokens processed over all layers and samples, relative to no compression."""
+        total = sum(self.original_visual) * self.num_layers
+        return sum(sum(r) for r in self.visual_tokens) / total if total else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        d = asdict(self)
+        d["retained_fraction"] = self.retained_fraction()
+        return d
+
+    def table(self) -> Any:
+        """A `rich.table.Table` of visual tokens per layer and sample."""
+        from rich.table import Table
+
+        t = Table(title="visual tokens entering each LLM layer")
+        t.add_column("layer", justify="right")
+        for b in range(self.batch):
+            t.add_column(f"sample {b}", justify="right")
+        for layer, row in enumerate(self.visual_tokens):
+            t.add_row(str(layer), *[str(x) for x in row])
+        return t
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        console = Console(file=buf, width=100, force_terminal=False, color_system=None)
+        console.print(self.table())
+        acted: dict[str, list[StageEvent]] = {}
+        for e in self.events:
+            acted.setdefault(e.stage, []).append(e)
+        for stage, evs in acted.items():
+            layers = sorted({e.layer for e in evs})
+            console.print(
+                f"{stage}: {len(evs)} decisions at layers {layers[0]}..{layers[-1]}, "
+                f"{sum(e.tokens_in - e.tokens_out for e in evs)} tokens removed"
+            )
+        console.print(f"retained visual-token fraction over layers: {self.retained_fraction():.3f}; "
+                      f"strategy overhead {self.overhead_s * 1e3:.1f} ms")
+        return buf.getvalue()

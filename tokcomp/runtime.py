@@ -1,0 +1,632 @@
+"""The runtime: `compress` validates a schedule against a model and installs hooks that apply it.
+
+Everything is done with forward pre-hooks on module *instances* (no library class is patched): one on the
+model (to see each call's inputs), one on the language model (to see the 2-D attention mask generate()
+grows), and one on each decoder layer from the first LLM stage on. All are removed when the ``with`` block
+ends, also on exceptions.
+
+How LLM-side removal works (the invariants the tests hold):
+
+* Every sequence slot keeps the index of the original token it holds. RoPE ``(cos, sin)`` are gathered
+  from the full-length tensors by that index, so kept tokens keep their original positions (1-D RoPE and
+  Qwen2-VL's 3-D M-RoPE alike, since the rotary embedding is computed once before the layers).
+* Samples of a batch may keep different numbers of tokens. Rows are left-padded with *dead* slots that no
+  query may attend to, so a batch computes what its samples compute alone.
+* The attention mask of every hooked layer is rebuilt from the slots: causal on original indices, padding
+  and dead slots hidden, plus ``log size`` for merged tokens (proportional attention). It is handed to the
+  layer in the format of the model's attention backend (bool for SDPA, additive float for eager, 2-D for
+  FlashAttention), so no backend is switched.
+* Decoding with the KV cache: each layer's cache holds its own number of slots. Lengths and positions in
+  ``generate()`` are read from layer 0, which is never shorter than the original prompt unless a stage
+  acts at layer 0 (handled by re-indexing the 2-D mask); the per-layer mask is extended with the new tokens.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import registry
+from .contracts import Adapter, LLMDecision, LLMStrategy, LLMView, Projections, SampleLayout
+from .errors import RuntimeStateError, ScheduleError, UnsupportedModelError
+from .report import Report, StageEvent
+from .schedule import ResolvedStage, Schedule, Stage
+
+__all__ = ["compress", "CompressionRun", "find_adapter", "SUPPORTED_ATTENTION"]
+
+SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def find_adapter(model: nn.Module) -> Adapter:
+    """The registered adapter that supports ``model``, instantiated for it.
+
+    Raises:
+        UnsupportedModelError: No adapter recognises the model; the message lists the supported classes.
+    """
+    regs = registry.adapters()
+    for reg in regs.values():
+        if reg.obj.supports(model):
+            return reg.obj(model)
+    known = sorted({c for reg in regs.values() for c in reg.obj.model_classes})
+    raise UnsupportedModelError(
+        f"no tokcomp adapter supports {type(model).__name__}. Supported model classes: {', '.join(known)}. "
+        "Load the model with one of those classes (e.g. Qwen2VLForConditionalGeneration, not AutoModel for "
+        "the bare backbone), or write an adapter plugin (docs: 'Adding an adapter')."
+    )
+
+
+def compress(model: nn.Module, schedule: Schedule | list[Stage] | None = None) -> CompressionRun:
+    """Validate ``schedule`` against ``model`` and return a context manager that applies it.
+
+    Args:
+        model: A supported `transformers` model (e.g. ``Qwen2VLForConditionalGeneration``).
+        schedule: The stages to apply; a list of `Stage` is accepted; ``None`` or an empty schedule runs
+            the model unchanged (but still reports token counts).
+
+    Returns:
+        A `CompressionRun`; use it as ``with tokcomp.compress(model, schedule) as run: ...``.
+
+    Raises:
+        UnsupportedModelError: No adapter supports the model.
+        ScheduleError: The schedule cannot run on this model; the message says what to change.
+    """
+    if schedule is None:
+        schedule = Schedule([])
+    elif isinstance(schedule, (list, tuple)):
+        schedule = Schedule(list(schedule))
+    elif isinstance(schedule, str):
+        schedule = Schedule.preset(schedule)
+    adapter = find_adapter(model)
+    stages = schedule.resolve(adapter)
+    impl = adapter.attn_implementation
+    if any(s.site == "llm" for s in stages):
+        if impl not in SUPPORTED_ATTENTION:
+            raise ScheduleError(
+                f"the model's LLM uses attn_implementation={impl!r}; LLM-side stages support "
+                f"{', '.join(SUPPORTED_ATTENTION)}. Load the model with attn_implementation='sdpa'."
+            )
+        layer_types = getattr(adapter.language_model.config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise ScheduleError(
+                "the LLM has sliding-window layers (config.layer_types); LLM-side stages need full attention. "
+                "Disable use_sliding_window in the text config."
+            )
+    return CompressionRun(model, adapter, stages)
+
+
+# --------------------------------------------------------------------------------------------------------
+# state
+
+
+@dataclass
+class _LayerRecord:
+    """What a hooked layer's KV cache holds after prefill, for building its decode masks."""
+
+    valid: torch.Tensor  # (B, S) bool: slot may be attended
+    bias: torch.Tensor | None  # (B, S) float log-size, or None
+
+
+@dataclass
+class _Prefill:
+    """State of one prefill call (and the decode steps that follow it)."""
+
+    batch: int
+    length: int
+    valid0: torch.Tensor  # (B, L) bool
+    layouts: list[SampleLayout]
+    vis_rank: torch.Tensor  # (B, L) long: index among the sample's visual tokens, -1 for others
+    cache: Any
+    index: torch.Tensor | None = None  # (B, S) original position per slot, -1 for dead
+    sizes: torch.Tensor | None = None  # (B, S) float, None while all ones
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+    position_ids: torch.Tensor | None = None  # the layers' position_ids kwarg at full length
+    records: dict[int, _LayerRecord] = field(default_factory=dict)
+    captured: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = field(
+        default_factory=dict
+    )
+    visual_per_layer: list[list[int]] = field(default_factory=list)  # [layer][sample]
+    slots_per_layer: list[int] = field(default_factory=list)
+    index_per_layer: dict[int, torch.Tensor] = field(default_factory=dict)
+    events: list[StageEvent] = field(default_factory=list)
+    overhead_s: float = 0.0
+    mask2d: torch.Tensor | None = None  # decode: generate()'s 2-D mask for the current step
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` restricted along ``dim`` to ``index`` (B, S'), per batch row (dead slots, -1, read slot 0)."""
+    idx = index.clamp(min=0)
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = idx.shape[0], idx.shape[1]
+    idx = idx.view(shape)
+    size = list(x.shape)
+    size[dim] = index.shape[1]
+    if x.shape[0] == 1 and index.shape[0] > 1:
+        x = x.expand(index.shape[0], *x.shape[1:])
+    return x.gather(dim, idx.expand(size))
+
+
+class CompressionRun:
+    """A schedule bound to a model; a context manager that installs and removes its hooks.
+
+    Created by `compress`. Inside the ``with`` block every forward call of the model (directly or through
+    ``generate()``) is compressed. `report` describes the last prefill.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, stages: list[ResolvedStage]) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.stages = stages
+        self.llm_stages = [s for s in stages if s.site == "llm"]
+        self._handles: list[Any] = []
+        self._state: _Prefill | None = None
+        self._active = False
+        self.num_prefills = 0
+        by_layer: dict[int, list[ResolvedStage]] = {}
+        for s in self.llm_stages:
+            for layer in s.layers:
+                by_layer.setdefault(layer, []).append(s)
+        self._by_layer = by_layer
+        self._first = min(by_layer) if by_layer else None
+        # layers whose input is kept for score computation at the next layer
+        self._capture = {
+            layer - 1
+            for layer, ss in by_layer.items()
+            for s in ss
+            if s.strategy.needs_scores and layer >= 1
+        }
+        for layer, ss in by_layer.items():
+            for s in ss:
+                if s.strategy.needs_scores and layer == 0:
+                    raise ScheduleError(
+                        f"stage {s.label}: {type(s.strategy).name} scores tokens with the attention of the "
+                        "previous layer, so it cannot run at layer 0; use layers >= 1"
+                    )
+
+    # -- context manager -----------------------------------------------------------------------------
+    def __enter__(self) -> CompressionRun:
+        if self._active:
+            raise RuntimeStateError("this CompressionRun is already active")
+        if getattr(self.model, "_tokcomp_active", False):
+            raise RuntimeStateError("the model is already inside a tokcomp.compress block; nest none")
+        self._active = True
+        try:
+            self._install()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._remove()
+
+    def _install(self) -> None:
+        self.model._tokcomp_active = True
+        h = self.model.register_forward_pre_hook(self._model_hook, with_kwargs=True)
+        self._handles.append(h)
+        lm = self.adapter.language_model
+        self._handles.append(lm.register_forward_pre_hook(self._lm_hook, with_kwargs=True))
+        if self._first is None:
+            return
+        start = min([self._first, *self._capture])
+        for i, layer in enumerate(self.adapter.decoder_layers):
+            if i >= start:
+                self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if "_tokcomp_active" in self.model.__dict__:
+            del self.model.__dict__["_tokcomp_active"]
+        self._active = False
+        self._state = None if self._state is None else self._state
+
+    # -- results -------------------------------------------------------------------------------------
+    def report(self) -> Report:
+        """What the last prefill did: visual tokens entering every LLM layer per sample, and each stage's
+        decisions."""
+        st = self._state
+        if st is None:
+            raise RuntimeStateError("nothing ran yet: call the model (or generate) inside the with block")
+        return Report(
+            num_layers=self.adapter.num_layers,
+            visual_tokens=[list(x) for x in st.visual_per_layer],
+            sequence_slots=list(st.slots_per_layer),
+            original_visual=[lay.num_visual for lay in st.layouts],
+            events=list(st.events),
+            stages=[s.label for s in self.stages],
+            overhead_s=st.overhead_s,
+            num_prefills=self.num_prefills,
+        )
+
+    def kept_positions(self, layer: int) -> torch.Tensor:
+        """``(B, S)`` original sequence index of every slot entering ``layer`` in the last prefill (-1: dead
+        padding slot). Layers before the first stage see every position."""
+        st = self._require_state()
+        if layer in st.index_per_layer:
+            return st.index_per_layer[layer].clone()
+        return torch.arange(st.length).expand(st.batch, -1).clone()
+
+    def _require_state(self) -> _Prefill:
+        if self._state is None:
+            raise RuntimeStateError("nothing ran yet: call the model (or generate) inside the with block")
+        return self._state
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def _model_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        call = dict(kwargs)
+        if args:
+            call.setdefault("input_ids", args[0])
+        cache = call.get("past_key_values")
+        if cache is not None and getattr(cache, "is_compileable", False) and self._first is not None:
+            raise RuntimeStateError(
+                f"{type(cache).__name__} pre-allocates every layer at one length, which cannot hold layers with "
+                "different token counts; use the default DynamicCache (cache_implementation=None)"
+            )
+        past = cache.get_seq_length() if cache is not None else 0
+        if past == 0:
+            self._start_prefill(call, cache)
+        elif self._state is None or self._state.cache is not cache:
+            if self._first is not None:
+                raise RuntimeStateError(
+                    "decoding step with a KV cache that was not filled inside this tokcomp.compress block; run "
+                    "the prefill (the first generate() step) inside the same with block"
+                )
+
+    def _start_prefill(self, call: dict[str, Any], cache: Any) -> None:
+        ids = call.get("input_ids")
+        if ids is None:
+            raise RuntimeStateError(
+                "tokcomp needs input_ids to find the visual tokens; pass input_ids (not only inputs_embeds)"
+            )
+        mask = call.get("attention_mask")
+        B, L = ids.shape
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            valid0 = mask.bool()
+        elif mask is None:
+            valid0 = torch.ones(B, L, dtype=torch.bool, device=ids.device)
+        else:
+            raise RuntimeStateError("tokcomp needs a 2-D attention_mask (or none); got a pre-built mask")
+        layouts = self.adapter.layouts(call)
+        vis_rank = torch.full((B, L), -1, dtype=torch.long, device=ids.device)
+        for b, lay in enumerate(layouts):
+            vis_rank[b, lay.positions] = torch.arange(lay.num_visual, device=ids.device)
+        self._state = _Prefill(B, L, valid0, layouts, vis_rank, cache)
+        st = self._state
+        st.visual_per_layer = [[lay.num_visual for lay in layouts] for _ in range(self.adapter.num_layers)]
+        st.slots_per_layer = [L] * self.adapter.num_layers
+        self.num_prefills += 1
+
+    def _lm_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        st = self._state
+        if st is None:
+            return None
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            if self._first is not None:
+                raise RuntimeStateError("tokcomp needs the 2-D attention mask; got a pre-built 4-D or dict mask")
+        emb = kwargs.get("inputs_embeds")
+        q = emb.shape[1] if emb is not None else (args[0].shape[1] if args else 0)
+        st.mask2d = mask if isinstance(mask, torch.Tensor) else None
+        if self._first == 0 and st.index is not None and isinstance(mask, torch.Tensor):
+            # Layer 0's cache is short too, so the model sizes its masks from the compressed length;
+            # hand it the 2-D mask restricted to the slots layer 0 holds plus the new tokens.
+            extra = torch.arange(st.length, mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
+            rec = st.records[0]
+            idx = torch.cat([st.index_per_layer[0], extra], 1)
+            m = _gather(mask, idx, 1) * torch.cat([rec.valid, torch.ones_like(extra, dtype=torch.bool)], 1)
+            kwargs["attention_mask"] = m.to(mask.dtype)
+            del q
+            return args, kwargs
+        return None
+
+    def _layer_hook(self, i: int) -> Callable[..., tuple[tuple, dict]]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            st = self._state
+            if st is None:
+                return args, kwargs
+            hs = args[0] if args else kwargs["hidden_states"]
+            cache = kwargs.get("past_key_values")
+            decode = cache is not None and st.cache is cache and cache.get_seq_length(i) > 0
+            if decode:
+                kwargs = self._decode_kwargs(i, hs, kwargs)
+            else:
+                hs, kwargs = self._prefill_layer(i, hs, kwargs)
+            if args:
+                args = (hs, *args[1:])
+            else:
+                kwargs["hidden_states"] = hs
+            return args, kwargs
+
+        return hook
+
+    # -- prefill -------------------------------------------------------------------------------------
+    def _prefill_layer(self, i: int, hs: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, dict]:
+        st = self._state
+        assert st is not None
+        if hs.shape[1] != (st.length if st.index is None else st.index.shape[1]):
+            raise RuntimeStateError(
+                f"layer {i} received {hs.shape[1]} tokens where tokcomp expected "
+                f"{st.length if st.index is None else st.index.shape[1]}; another hook may be changing the "
+                "sequence"
+            )
+        if st.index is None:
+            st.index = torch.arange(st.length, device=hs.device).expand(st.batch, -1)
+            pe = kwargs.get("position_embeddings")
+            if pe is None:
+                raise RuntimeStateError(f"decoder layer {i} got no position_embeddings; unsupported model")
+            st.cos_sin = (pe[0], pe[1])
+            pid = kwargs.get("position_ids")
+            st.position_ids = pid if isinstance(pid, torch.Tensor) and pid.shape[-1] == st.length else None
+        changed = False
+        for stage in self._by_layer.get(i, []):
+            hs = self._apply_stage(stage, i, hs, kwargs)
+            changed = True
+        index = st.index
+        if not changed and i not in st.index_per_layer and torch.equal(
+            index, torch.arange(st.length, device=index.device).expand(st.batch, -1)
+        ) and st.sizes is None:
+            # nothing removed yet: leave the layer exactly as the model called it
+            if i in self._capture:
+                st.captured[i] = (hs, kwargs["position_embeddings"], index)
+            return hs, kwargs
+        cos, sin = st.cos_sin  # type: ignore[misc]
+        kwargs["position_embeddings"] = (_gather(cos, index, 1), _gather(sin, index, 1))
+        if st.position_ids is not None:
+            kwargs["position_ids"] = _gather(st.position_ids, index, st.position_ids.dim() - 1)
+        valid = (index >= 0) & st.valid0.gather(1, index.clamp(min=0))
+        bias = None if st.sizes is None else st.sizes.clamp(min=1e-6).log()
+        kwargs["attention_mask"] = self._prefill_mask(index, valid, bias, hs.dtype)
+        st.records[i] = _LayerRecord(valid, bias)
+        st.index_per_layer[i] = index
+        st.slots_per_layer[i] = index.shape[1]
+        isvis = (st.vis_rank.gather(1, index.clamp(min=0)) >= 0) & (index >= 0)
+        st.visual_per_layer[i] = [int(x) for x in isvis.sum(1).tolist()]
+        if i in self._capture:
+            st.captured[i] = (hs, kwargs["position_embeddings"], index)
+        return hs, kwargs
+
+    def _prefill_mask(
+        self, index: torch.Tensor, valid: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        S = index.shape[1]
+        impl = self.adapter.attn_implementation
+        if impl.startswith("flash"):
+            if bias is not None:
+                raise RuntimeStateError(
+                    "proportional attention (merged tokens) needs an additive attention bias, which "
+                    f"{impl} cannot take; set proportional_attention=False on the strategy or use sdpa"
+                )
+            return valid.long()
+        causal = index.unsqueeze(1) <= index.unsqueeze(2)  # (B, q, k): key's original index <= query's
+        allowed = causal & valid.unsqueeze(1)
+        allowed |= torch.eye(S, dtype=torch.bool, device=index.device)  # no fully-masked row (NaN-free)
+        return self._format_mask(allowed, bias, dtype)
+
+    def _format_mask(self, allowed: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        allowed = allowed.unsqueeze(1)  # (B, 1, q, k)
+        if bias is None and self.adapter.attn_implementation == "sdpa":
+            return allowed
+        neg = torch.finfo(dtype).min
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, neg)
+        if bias is not None:
+            mask = mask + bias.to(dtype)[:, None, None, :].masked_fill(~allowed, 0)
+        return mask
+
+    def _apply_stage(self, stage: ResolvedStage, layer: int, hs: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        st = self._state
+        assert st is not None and st.index is not None
+        strategy = stage.strategy
+        if not isinstance(strategy, LLMStrategy):
+            raise RuntimeStateError(f"{stage.label}: {type(strategy).__name__} is not an LLMStrategy")
+        t0 = time.perf_counter()
+        index = st.index
+        B, S = index.shape
+        present = index >= 0
+        rank = torch.where(present, st.vis_rank.gather(1, index.clamp(min=0)), torch.full_like(index, -1))
+        sizes = st.sizes if st.sizes is not None else torch.ones(B, S, device=hs.device)
+        scores_fn = self._scores_fn(stage, layer, hs) if strategy.needs_scores else None
+        rows: list[torch.Tensor] = []
+        new_hidden: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        new_sizes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for b in range(B):
+            vis_slots = (rank[b] >= 0).nonzero().squeeze(1)
+            other = (present[b] & (rank[b] < 0)).nonzero().squeeze(1)
+            n = vis_slots.numel()
+            if n == 0:
+                rows.append(other)
+                continue
+            valid_text = other[st.valid0[b, index[b, other]]]
+            view = LLMView(
+                layer=layer,
+                num_layers=self.adapter.num_layers,
+                stage_layers=stage.layers,
+                hidden=hs[b, vis_slots],
+                text_hidden=hs[b, valid_text],
+                index=rank[b, vis_slots],
+                sizes=sizes[b, vis_slots],
+                layout=st.layouts[b],
+                sample=b,
+                _scores=(lambda q, b=b, vs=vis_slots: scores_fn(q)[b, vs]) if scores_fn else None,
+                _projections=(lambda b=b: self._projections(layer, hs, b, rank[b])),
+            )
+            decision = strategy.select(view)
+            if isinstance(decision, torch.Tensor):
+                decision = LLMDecision(keep=decision)
+            keep = decision.keep.to(device=hs.device, dtype=torch.long)
+            if keep.numel() and (
+                (keep[1:] <= keep[:-1]).any() or int(keep.min()) < 0 or int(keep.max()) >= n
+            ):
+                raise RuntimeStateError(
+                    f"{stage.label} at layer {layer}: keep must be ascending unique indices in [0, {n}), "
+                    f"got {keep.tolist()[:16]}"
+                )
+            kept_slots = vis_slots[keep]
+            if decision.hidden is not None:
+                new_hidden[b] = (kept_slots, decision.hidden)
+            if decision.sizes is not None:
+                new_sizes[b] = (kept_slots, decision.sizes)
+            rows.append(torch.cat([other, kept_slots]).sort().values)
+            st.events.append(
+                StageEvent(stage.label, layer, b, n, int(keep.numel()), dict(decision.info))
+            )
+        if new_hidden or new_sizes:
+            hs = hs.clone()
+            for b, (slots, values) in new_hidden.items():
+                hs[b, slots] = values.to(hs.dtype)
+            if new_sizes:
+                sizes = sizes.clone()
+                for b, (slots, values) in new_sizes.items():
+                    sizes[b, slots] = values.to(sizes.dtype)
+                st.sizes = sizes
+        width = max(r.numel() for r in rows)
+        slots = torch.full((B, width), -1, dtype=torch.long, device=hs.device)
+        for b, r in enumerate(rows):
+            slots[b, width - r.numel():] = r  # dead slots on the left, like left padding
+        new_index = torch.where(slots >= 0, index.gather(1, slots.clamp(min=0)), torch.full_like(slots, -1))
+        hs = _gather(hs, slots, 1).masked_fill((slots < 0).unsqueeze(-1), 0)
+        if st.sizes is not None:
+            st.sizes = _gather(st.sizes, slots, 1).masked_fill(slots < 0, 1.0)
+            if bool((st.sizes == 1).all()):
+                st.sizes = None
+        st.index = new_index
+        st.overhead_s += time.perf_counter() - t0
+        return hs
+
+    def _rope(self, layer: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        attn = self.adapter.decoder_layers[layer].self_attn
+        return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+    def _qk(self, layer: int, hs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Pre- and post-RoPE q and k of ``layer`` for hidden states ``hs`` (B, S, D)."""
+        parts = self.adapter.attention_parts(layer)
+        B, S, _ = hs.shape
+        x = parts.norm(hs)
+        q = parts.q_proj(x).view(B, S, parts.num_heads, parts.head_dim).transpose(1, 2)
+        k = parts.k_proj(x).view(B, S, parts.num_kv_heads, parts.head_dim).transpose(1, 2)
+        qr, kr = self._rope(layer)(q, k, cos, sin)
+        return q, k, qr, kr, parts.scaling, parts.num_heads // parts.num_kv_heads
+
+    def _scores_fn(self, stage: ResolvedStage, layer: int, hs: torch.Tensor) -> Callable[[str], torch.Tensor]:
+        st = self._state
+        assert st is not None
+        cache: dict[str, torch.Tensor] = {}
+
+        def scores(query: str) -> torch.Tensor:
+            if query not in cache:
+                cache[query] = self._attention_received(layer - 1, query)
+            return cache[query]
+
+        return scores
+
+    @torch.no_grad()
+    def _attention_received(self, layer: int, query: str) -> torch.Tensor:
+        """(B, S_now) head-averaged attention each slot of the current layer input received at ``layer``
+        (the previous layer), from the last valid query row or averaged over all valid rows."""
+        st = self._state
+        assert st is not None and st.index is not None
+        hs, (cos, sin), index = st.captured[layer]
+        _, _, q, k, scaling, groups = self._qk(layer, hs, cos, sin)
+        k = k.repeat_interleave(groups, dim=1).float()
+        q = q.float()
+        valid = (index >= 0) & st.valid0.gather(1, index.clamp(min=0))
+        bias = None
+        rec = st.records.get(layer)
+        if rec is not None and rec.bias is not None:
+            bias = rec.bias.float()
+        B, S = index.shape
+        if query == "last":
+            last = (valid.long() * torch.arange(S, device=index.device)).argmax(1)  # last valid slot
+            qrow = q[torch.arange(B), :, last].unsqueeze(2)  # (B, H, 1, d)
+            logits = (qrow @ k.transpose(-1, -2)) * scaling  # (B, H, 1, S)
+            allowed = valid & (index <= index.gather(1, last[:, None]))
+            if bias is not None:
+                logits = logits + bias[:, None, None, :]
+            logits = logits.masked_fill(~allowed[:, None, None, :], float("-inf"))
+            probs = logits.softmax(-1)[:, :, 0].mean(1)  # (B, S)
+        elif query == "mean":
+            total = torch.zeros(B, S, device=hs.device)
+            chunk = 512
+            for s0 in range(0, S, chunk):
+                qq = q[:, :, s0:s0 + chunk]
+                logits = (qq @ k.transpose(-1, -2)) * scaling  # (B, H, c, S)
+                allowed = valid[:, None, :] & (index[:, None, :] <= index[:, s0:s0 + chunk, None])
+                allowed |= torch.eye(S, device=hs.device, dtype=torch.bool)[s0:s0 + chunk][None]
+                if bias is not None:
+                    logits = logits + bias[:, None, None, :]
+                logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+                p = logits.softmax(-1).mean(1)  # (B, c, S)
+                p = p * valid[:, s0:s0 + chunk, None]
+                total += p.sum(1)
+            probs = total / valid.sum(1, keepdim=True).clamp(min=1)
+        else:
+            raise ValueError(f"unknown score query {query!r}; use 'last' or 'mean'")
+        # map the previous layer's slots onto the current ones (a stage earlier at this layer may differ)
+        now = st.index
+        if not torch.equal(now, index):
+            pos = torch.full((B, st.length + 1), -1, dtype=torch.long, device=index.device)
+            pos.scatter_(1, index.clamp(min=0) + (index < 0).long() * st.length, torch.arange(S).expand(B, -1))
+            src = pos.gather(1, now.clamp(min=0))
+            probs = torch.where(src >= 0, probs.gather(1, src.clamp(min=0)), torch.zeros_like(src, dtype=probs.dtype))
+        return probs
+
+    @torch.no_grad()
+    def _projections(self, layer: int, hs: torch.Tensor, b: int, rank_b: torch.Tensor) -> Projections:
+        st = self._state
+        assert st is not None and st.index is not None and st.cos_sin is not None
+        index = st.index[b:b + 1]
+        sel = ((index[0] >= 0) & st.valid0[b, index[0].clamp(min=0)]).nonzero().squeeze(1)
+        idx = index[:, sel]
+        cos, sin = st.cos_sin
+        cos_b = _gather(cos[b:b + 1] if cos.shape[0] > 1 else cos, idx, 1)
+        sin_b = _gather(sin[b:b + 1] if sin.shape[0] > 1 else sin, idx, 1)
+        q, k, qr, kr, scaling, _ = self._qk(layer, hs[b:b + 1, sel], cos_b, sin_b)
+        return Projections(q[0], k[0], qr[0], kr[0], rank_b[sel] >= 0, hs[b, sel], scaling)
+
+    # -- decode --------------------------------------------------------------------------------------
+    def _decode_kwargs(self, i: int, hs: torch.Tensor, kwargs: dict) -> dict:
+        st = self._state
+        assert st is not None
+        rec = st.records.get(i)
+        if rec is None:  # this layer saw no removal in prefill: the model's own mask is right
+            return kwargs
+        q = hs.shape[1]
+        cache = kwargs["past_key_values"]
+        S = rec.valid.shape[1]
+        t_prev = cache.get_seq_length(i) - S
+        B = rec.valid.shape[0]
+        m2 = st.mask2d
+        if m2 is not None:
+            appended = m2[:, st.length:].bool()
+            if appended.shape[1] != t_prev + q:
+                raise RuntimeStateError(
+                    f"layer {i}: the attention mask has {m2.shape[1]} columns, expected "
+                    f"{st.length + t_prev + q} (prompt {st.length} + {t_prev} generated + {q} new)"
+                )
+        else:
+            appended = torch.ones(B, t_prev + q, dtype=torch.bool, device=hs.device)
+        impl = self.adapter.attn_implementation
+        key_valid = torch.cat([rec.valid, appended], 1)
+        if impl.startswith("flash"):
+            kwargs["attention_mask"] = key_valid.long()
+            return kwargs
+        if q == 1 and rec.bias is None and bool(key_valid.all()):
+            kwargs["attention_mask"] = None  # every cached key visible: the backends' fast path
+            return kwargs
+        ar = torch.arange(t_prev + q, device=hs.device)
+        causal_new = ar[None, :] <= (t_prev + torch.arange(q, device=hs.device))[:, None]  # (q, t_prev+q)
+        allowed = torch.cat(
+            [rec.valid[:, None, :].expand(B, q, S), appended[:, None, :] & causal_new[None]], 2
+        )
+        allowed[:, torch.arange(q), S + t_prev + torch.arange(q)] = True
+        bias = None
+        if rec.bias is not None:
+            bias = torch.cat([rec.bias, torch.zeros(B, t_prev + q, device=hs.device)], 1)
+        kwargs["attention_mask"] = self._format_mask(allowed, bias, hs.dtype)
+        return kwargs
