@@ -43,6 +43,7 @@ class Report:
         stages: The stage labels of the schedule.
         overhead_s: Wall time spent inside the strategies (their own cost).
         num_prefills: Prefill calls seen by the run (one per ``generate()``).
+        text_tokens: ``[sample]`` non-visual, non-padding tokens (never removed by LLM-side stages).
     """
 
     num_layers: int
@@ -53,6 +54,7 @@ class Report:
     stages: list[str]
     overhead_s: float = 0.0
     num_prefills: int = 0
+    text_tokens: list[int] = field(default_factory=list)
 
     @property
     def batch(self) -> int:
@@ -67,6 +69,34 @@ class Report:
         """Visual tokens processed over all layers and samples, relative to no compression."""
         total = sum(self.original_visual) * self.num_layers
         return sum(sum(r) for r in self.visual_tokens) / total if total else 1.0
+
+    def tokens_per_layer(self, sample: int) -> list[int]:
+        """All tokens (text + visual) entering each LLM layer for one sample."""
+        return [self.text_tokens[sample] + v for v in self.tokens_for(sample)]
+
+    def llm_flops(self, shape: Any, *, baseline: bool = False) -> int:
+        """LLM prefill FLOPs of the batch (sum over samples, padding excluded), by `tokcomp.flops`.
+
+        Args:
+            shape: The decoder-layer shape (`tokcomp.flops.LayerShape.from_text_config`).
+            baseline: Count the uncompressed run instead (every visual token at every layer).
+        """
+        from .flops import llm_prefill_flops
+
+        total = 0
+        for b in range(self.batch):
+            counts = (
+                [self.text_tokens[b] + self.original_visual[b]] * self.num_layers
+                if baseline
+                else self.tokens_per_layer(b)
+            )
+            total += llm_prefill_flops(shape, counts)["total"]
+        return total
+
+    def llm_flops_ratio(self, shape: Any) -> float:
+        """Compressed over uncompressed LLM prefill FLOPs."""
+        base = self.llm_flops(shape, baseline=True)
+        return self.llm_flops(shape) / base if base else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -243,6 +243,7 @@ class CompressionRun:
             stages=[s.label for s in self.stages],
             overhead_s=st.overhead_s,
             num_prefills=self.num_prefills,
+            text_tokens=[int(st.valid0[b].sum()) - lay.num_visual for b, lay in enumerate(st.layouts)],
         )
 
     def kept_positions(self, layer: int) -> torch.Tensor:
