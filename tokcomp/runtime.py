@@ -438,12 +438,12 @@ class CompressionRun:
         new_sizes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for b in range(B):
             vis_slots = (rank[b] >= 0).nonzero().squeeze(1)
-            other = (present[b] & (rank[b] < 0)).nonzero().squeeze(1)
+            # padding slots go too: no query may attend them, and dropping them lets the batch shrink
+            valid_text = (present[b] & (rank[b] < 0) & st.valid0[b, index[b].clamp(min=0)]).nonzero().squeeze(1)
             n = vis_slots.numel()
             if n == 0:
-                rows.append(other)
+                rows.append(valid_text)
                 continue
-            valid_text = other[st.valid0[b, index[b, other]]]
             view = LLMView(
                 layer=layer,
                 num_layers=self.adapter.num_layers,
@@ -473,7 +473,7 @@ class CompressionRun:
                 new_hidden[b] = (kept_slots, decision.hidden)
             if decision.sizes is not None:
                 new_sizes[b] = (kept_slots, decision.sizes)
-            rows.append(torch.cat([other, kept_slots]).sort().values)
+            rows.append(torch.cat([valid_text, kept_slots]).sort().values)
             st.events.append(
                 StageEvent(stage.label, layer, b, n, int(keep.numel()), dict(decision.info))
             )
