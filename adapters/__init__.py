@@ -7,12 +7,22 @@ from collections.abc import Callable
 
 from tokcomp.hookspecs import hookimpl
 
+from .internvl import InternVLAdapter
+from .llava import LlavaAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-__all__ = ["Qwen2VLAdapter", "tokcomp_register_adapters"]
+__all__ = [
+    "InternVLAdapter",
+    "LlavaAdapter",
+    "LlavaOnevisionAdapter",
+    "Qwen2VLAdapter",
+    "tokcomp_register_adapters",
+]
 
 
 @hookimpl
 def tokcomp_register_adapters(register: Callable[[type], None]) -> None:
     """Register the built-in adapters."""
-    register(Qwen2VLAdapter)
+    for cls in (Qwen2VLAdapter, LlavaOnevisionAdapter, InternVLAdapter, LlavaAdapter):
+        register(cls)

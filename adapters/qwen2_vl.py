@@ -17,8 +17,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from tokcomp.contracts import Adapter, SampleLayout, VisualItem
+from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
+from tokcomp.encoder import VisionCallResult, VisionSession
 from tokcomp.errors import RuntimeStateError
+from tokcomp.tokens import FrameGrid, VisualItemTokens
 
 __all__ = ["Qwen2VLAdapter"]
 
@@ -32,6 +34,7 @@ class Qwen2VLAdapter(Adapter):
         "Qwen2_5_VLForConditionalGeneration",
     )
     grid_multiple: ClassVar[int] = 2  # the 2x2 patch merger needs even grid sides
+    sites: ClassVar[frozenset[str]] = frozenset({"encoder", "projector", "llm"})
 
     @property
     def language_model(self) -> torch.nn.Module:
@@ -42,6 +45,114 @@ class Qwen2VLAdapter(Adapter):
     def merge_size(self) -> int:
         """Side of the patch merger's window (2: four ViT patches become one LLM token)."""
         return int(self.model.config.vision_config.spatial_merge_size)
+
+    @property
+    def num_vision_blocks(self) -> int:
+        """Blocks of the ViT (``model.model.visual.blocks``)."""
+        return len(self.model.model.visual.blocks)
+
+    @property
+    def vision_attn_implementation(self) -> str:
+        """The ViT's attention backend."""
+        return str(self.model.model.visual.config._attn_implementation)
+
+    def vision_attention_configs(self) -> list[Any]:
+        """The ViT blocks' attention config (one shared object)."""
+        cfgs = {id(b.attn.config): b.attn.config for b in self.model.model.visual.blocks}
+        return list(cfgs.values())
+
+    def install_vision(self, session: VisionSession) -> list[Any]:
+        """Hooks on the ViT blocks, the merger and the tower (see the section comment below)."""
+        return _QwenVision(self, session).install()
+
+    def llm_input(self, call: dict[str, Any], lm_kwargs: dict[str, Any], results: list[VisionCallResult]) -> LLMInput:
+        """Drop the unused placeholder slots of each reduced item and recompute M-RoPE for the new grids.
+
+        The positions are those the model would compute for the same prompt with each image at its new
+        grid: `get_rope_index` runs on the prompt with the shortened placeholder runs, and text after an
+        image moves accordingly. Decoding continues from the new positions (``decode_shift``).
+        """
+        ids: torch.Tensor = call["input_ids"]
+        cfg = self.model.config
+        B, L = ids.shape
+        mask = call.get("attention_mask")
+        valid = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)
+        kind_of = torch.zeros_like(ids)
+        kind_of[ids == cfg.image_token_id] = 1
+        kind_of[ids == cfg.video_token_id] = 2
+        runs = [[(int(kind_of[b, r[0]]), r) for r in _runs((kind_of[b] > 0).nonzero().squeeze(1), kind_of[b])]
+                for b in range(B)]
+        queue = _match_calls(runs, results)
+        keep = valid.clone()
+        rope_keep = valid.clone()
+        layouts: list[SampleLayout] = []
+        grids: dict[int, list[tuple[int, int, int]]] = {1: [], 2: []}
+        picks: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = []
+        m = self.merge_size
+        for b in range(B):
+            items: list[VisualItem] = []
+            positions = []
+            sample_picks = []
+            for kind, run in runs[b]:
+                res, j = queue[kind].pop(0)
+                units = res.units[j]
+                grid = res.grids[j]
+                assert grid is not None
+                rope_n = grid[0] * grid[1] * grid[2]
+                keep[b, run[units:]] = False
+                rope_keep[b, run[rope_n:]] = False
+                grids[kind].append((grid[0], grid[1] * m, grid[2] * m))
+                real = run[:units]
+                anchors = res.anchors[j]
+                sample_picks.append((run[:rope_n], anchors))
+                shown = grid if anchors is None else (1, 1, units)
+                items.append(VisualItem("image" if kind == 1 else "video", shown, sum(i.count for i in items), units))
+                positions.append(real)
+            picks.append(sample_picks)
+            pos = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long, device=ids.device)
+            layouts.append(SampleLayout.from_items(pos, items))
+        # M-RoPE of the prompt with the shortened runs, computed by the model's own get_rope_index
+        width = int(rope_keep.sum(1).max())
+        ids_c = torch.full((B, width), int(getattr(cfg, "pad_token_id", 0) or 0), dtype=ids.dtype, device=ids.device)
+        mask_c = torch.zeros(B, width, dtype=torch.long, device=ids.device)
+        slot_c = torch.full((B, width), -1, dtype=torch.long, device=ids.device)
+        for b in range(B):
+            sl = rope_keep[b].nonzero().squeeze(1)
+            ids_c[b, width - sl.numel():] = ids[b, sl]
+            mask_c[b, width - sl.numel():] = 1
+            slot_c[b, width - sl.numel():] = sl
+        mm = torch.zeros_like(ids_c, dtype=torch.int)
+        mm[ids_c == cfg.image_token_id] = 1
+        mm[ids_c == cfg.video_token_id] = 2
+        dev = ids.device
+        extra = {}
+        if call.get("second_per_grid_ts") is not None:
+            extra["second_per_grid_ts"] = call["second_per_grid_ts"]
+        pos_c, _ = self.model.model.get_rope_index(
+            ids_c, mm,
+            image_grid_thw=torch.tensor(grids[1], device=dev) if grids[1] else None,
+            video_grid_thw=torch.tensor(grids[2], device=dev) if grids[2] else None,
+            attention_mask=mask_c, **extra,
+        )
+        old = lm_kwargs.get("position_ids")
+        if not isinstance(old, torch.Tensor) or old.dim() != 3:
+            raise RuntimeStateError("expected 3-D M-RoPE position_ids at the language model's input")
+        new = old.clone()
+        rows = new[-3:]
+        shift = torch.zeros(B, dtype=torch.long, device=dev)
+        for b in range(B):
+            sel = slot_c[b] >= 0
+            full = torch.zeros(3, L, dtype=rows.dtype, device=dev)
+            full[:, slot_c[b, sel]] = pos_c[:, b, sel].to(rows.dtype)
+            for run_slots, anchors in picks[b]:
+                if anchors is not None:  # non-grid items take their anchor token's position
+                    vals = full[:, run_slots[anchors.to(dev)]]
+                    full[:, run_slots[: anchors.numel()]] = vals
+            rows[:, b, keep[b]] = full[:, keep[b]]
+            last = int(valid[b].nonzero().max()) if bool(valid[b].any()) else L - 1
+            shift[b] = full[0, last] - old[-3][b, last]
+        new[-3:] = rows
+        return LLMInput(layouts, keep, new, shift)
 
     def layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         """Visual token runs of each sample with their grids.
@@ -99,6 +210,30 @@ class Qwen2VLAdapter(Adapter):
         return out
 
 
+def _match_calls(
+    runs: list[list[tuple[int, torch.Tensor]]], results: list[VisionCallResult]
+) -> dict[int, list[tuple[VisionCallResult, int]]]:
+    """Assign the vision calls' items to the image (1) and video (2) placeholder runs, in batch order.
+
+    The tower is called once for the images and once for the videos (images first); a call is matched to a
+    kind by its items' original token counts.
+    """
+    lengths = {k: [int(r.numel()) for rs in runs for kind, r in rs if kind == k] for k in (1, 2)}
+    queue: dict[int, list[tuple[VisionCallResult, int]]] = {1: [], 2: []}
+    for res in results:
+        for k in (1, 2):
+            if not queue[k] and res.original_units == lengths[k]:
+                queue[k] = [(res, j) for j in range(len(res.units))]
+                break
+    for k in (1, 2):
+        if lengths[k] and len(queue[k]) != len(lengths[k]):
+            raise RuntimeStateError(
+                f"cannot match the vision tower's output to the {'image' if k == 1 else 'video'} placeholders: "
+                f"runs of {lengths[k]} tokens, tower calls emitting {[r.original_units for r in results]}"
+            )
+    return queue
+
+
 def _runs(positions: torch.Tensor, kind_of: torch.Tensor) -> list[torch.Tensor]:
     """Split ascending positions into runs of consecutive indices of one kind."""
     if positions.numel() == 0:
@@ -112,3 +247,329 @@ def _rows(grid: torch.Tensor | None) -> list[tuple[int, int, int]]:
     if grid is None:
         return []
     return [tuple(int(v) for v in r) for r in grid.tolist()]  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vision tower (encoder and projector sites)
+#
+# The ViT packs every image/frame into one sequence in *merge-window-major* order (each run of 4 tokens is
+# one 2x2 window of the patch merger); Qwen2.5-VL further permutes those windows into attention windows.
+# Attention is computed per frame (cu_seqlens) or per window (cu_window_seqlens), with 2-D rotary angles
+# from each token's (row, col). At a block where a stage runs, the sequence is unpacked into per-frame
+# grids, the stage merges them, and the result is packed back in the order the model itself would use for
+# an image of the new grid size — with positions, cu_seqlens and (2.5) windows recomputed for that grid.
+# Before the merger the new grid is spread back over the original number of windows (the unused ones are
+# zeros), so that `get_image_features` splits, and the placeholder count check, see the sizes they expect;
+# the runtime drops the unused LLM slots before decoder layer 0 and recomputes the M-RoPE positions.
+
+
+def _vision_utils() -> Any:
+    from transformers import vision_utils
+
+    return vision_utils
+
+
+class _Call:
+    """State of one call of the vision tower."""
+
+    def __init__(self, grids: list[tuple[int, int, int]]) -> None:
+        self.grids = grids  # original (t, h, w) in patches
+        self.items: list[VisualItemTokens] | None = None  # set once a stage ran
+        self.coords: torch.Tensor | None = None  # (N, 4) item, frame, row, col of each sequence position
+        self.kw: dict[str, Any] = {}
+        self.keys: dict[int, torch.Tensor] = {}
+        self.tokens_per_block: dict[int, list[int]] = {}
+        self.window_index: torch.Tensor | None = None
+
+
+class _QwenVision:
+    """Hooks on one Qwen2-VL/2.5-VL vision tower for the duration of a `tokcomp.compress` block."""
+
+    def __init__(self, adapter: Qwen2VLAdapter, session: VisionSession) -> None:
+        self.adapter = adapter
+        self.session = session
+        self.visual = adapter.model.model.visual
+        self.m = int(self.visual.spatial_merge_size)
+        self.windowed = hasattr(self.visual, "fullatt_block_indexes")
+        self.call: _Call | None = None
+
+    def install(self) -> list[Any]:
+        v = self.visual
+        hs = [v.register_forward_pre_hook(self._start, with_kwargs=True),
+              v.register_forward_hook(self._finish, with_kwargs=True)]
+        blocks = self.session.encoder_blocks()
+        if blocks:
+            first = min(blocks)
+            for i, blk in enumerate(v.blocks):
+                if i >= first:
+                    hs.append(blk.register_forward_pre_hook(self._block_hook(i), with_kwargs=True))
+            if self.session.needs_keys():
+                for b in blocks:
+                    if b >= 1:
+                        hs.append(v.blocks[b - 1].attn.qkv.register_forward_hook(self._keys_hook(b)))
+            hs.append(v.merger.register_forward_pre_hook(self._expand))
+        return hs
+
+    # -- layout helpers ----------------------------------------------------------------------------------
+    def _window(self, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.visual
+        return _vision_utils().get_vision_window_index(grid_thw, self.m, v.window_size, v.patch_size)
+
+    def _canonical(self, grids: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
+        """(N, 4) item, frame, row, col of every token in merge-window-major order."""
+        m, out = self.m, []
+        for i, (t, h, w) in enumerate(grids):
+            f, hu, wu, a, b = torch.meshgrid(
+                torch.arange(t), torch.arange(h // m), torch.arange(w // m), torch.arange(m), torch.arange(m),
+                indexing="ij",
+            )
+            out.append(torch.stack([torch.full_like(f, i), f, hu * m + a, wu * m + b], -1).reshape(-1, 4))
+        return torch.cat(out).to(device)
+
+    def _sequence(self, grids: list[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, Any]:
+        """Coordinates in the model's own sequence order for these grids, and the window data (2.5-VL)."""
+        canon = self._canonical(grids, device)
+        if not self.windowed:
+            return canon, None
+        gt = torch.tensor(grids, device=device)
+        wi, cu_w = self._window(gt)
+        unit = self.m * self.m
+        order = (wi.to(device)[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)
+        return canon[order], (wi, cu_w)
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+    def _start(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if grid is None:
+            raise RuntimeStateError("the vision tower was called without grid_thw")
+        self.call = _Call([tuple(int(v) for v in r) for r in grid.tolist()])
+        if self.windowed:
+            self.call.window_index = self._window(grid)[0]
+
+    def _keys_hook(self, block: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if self.call is None:
+                return
+            heads = self.visual.blocks[block - 1].attn.num_heads
+            c = out.shape[-1] // 3
+            self.call.keys[block] = out[:, c:2 * c].reshape(out.shape[0], heads, -1).mean(1).detach()
+
+        return hook
+
+    def _unpack(self, hs: torch.Tensor, block: int) -> list[VisualItemTokens]:
+        call = self.call
+        assert call is not None
+        metric = call.keys.get(block)
+        if call.items is None:
+            coords, _ = self._sequence(call.grids, hs.device)
+            items = []
+            for i, (t, h, w) in enumerate(call.grids):
+                sel = coords[:, 0] == i
+                c = coords[sel]
+                x = hs.new_zeros(t, h, w, hs.shape[-1])
+                x[c[:, 1], c[:, 2], c[:, 3]] = hs[sel]
+                mt = None
+                if metric is not None:
+                    mt = metric.new_zeros(t, h, w, metric.shape[-1])
+                    mt[c[:, 1], c[:, 2], c[:, 3]] = metric[sel]
+                frames = [FrameGrid.fresh(x[f], None if mt is None else mt[f]) for f in range(t)]
+                items.append(VisualItemTokens("image" if t == 1 else "video", frames, (t, h, w)))
+            return items
+        coords = call.coords
+        assert coords is not None
+        for i, item in enumerate(call.items):
+            sel = coords[:, 0] == i
+            c = coords[sel]
+            for f, frame in enumerate(item.frames):
+                fs = c[:, 1] == f
+                x = hs.new_zeros(*frame.shape, hs.shape[-1])
+                x[c[fs, 2], c[fs, 3]] = hs[sel][fs]
+                mt = None
+                if metric is not None:
+                    mt = metric.new_zeros(*frame.shape, metric.shape[-1])
+                    mt[c[fs, 2], c[fs, 3]] = metric[sel][fs]
+                item.frames[f] = frame.with_values(x=x, metric=mt)
+        return call.items
+
+    def _pack(self, items: list[VisualItemTokens], device: torch.device) -> torch.Tensor:
+        call = self.call
+        assert call is not None
+        grids = [it.grid for it in items]
+        coords, window = self._sequence(grids, device)
+        i, f, r, c = coords.unbind(1)
+        xs, sizes, pos = [], [], []
+        for k, it in enumerate(items):
+            sel = i == k
+            x = torch.stack([fr.x for fr in it.frames])
+            s = torch.stack([fr.size for fr in it.frames])
+            p = torch.stack([fr.pos for fr in it.frames])
+            xs.append((sel, x[f[sel], r[sel], c[sel]]))
+            sizes.append((sel, s[f[sel], r[sel], c[sel]]))
+            pos.append((sel, p[f[sel], r[sel], c[sel]]))
+        n = coords.shape[0]
+        hs = torch.empty(n, items[0].frames[0].x.shape[-1], device=device, dtype=items[0].frames[0].x.dtype)
+        size = torch.empty(n, device=device)
+        position = torch.empty(n, 2, device=device)
+        for (sel, v), (_, s), (_, p) in zip(xs, sizes, pos):
+            hs[sel], size[sel], position[sel] = v, s.float(), p.float()
+        call.items, call.coords = items, coords
+        gt = torch.tensor(grids, device=device)
+        vu = _vision_utils()
+        cu = vu.get_vision_cu_seqlens(gt)
+        cfg = self.visual.config
+        cos, sin = self.visual.rotary_pos_emb(hs, position)
+        kw: dict[str, Any] = {"position_embeddings": (cos, sin)}
+        from transformers.utils.generic import get_max_seqlen
+
+        kw["full"] = (cu, get_max_seqlen(cu, cfg))
+        if window is not None:
+            cu_w = window[1].to(device)
+            kw["window"] = (cu_w, get_max_seqlen(cu_w, cfg))
+        kw["log_size"] = None if bool((size == 1).all()) else size.log()
+        call.kw = kw
+        return hs
+
+    def _block_hook(self, i: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            call = self.call
+            if call is None:
+                return args, kwargs
+            hs = args[0] if args else kwargs["hidden_states"]
+            if i in self.session.encoder_blocks():
+                items = self._unpack(hs, i)
+                items = self.session.run("encoder", i, items)
+                hs = self._pack(items, hs.device)
+            if call.items is not None:
+                kw = call.kw
+                windowed = self.windowed and i not in self.visual.fullatt_block_indexes
+                cu, mx = kw["window"] if windowed else kw["full"]
+                kwargs["cu_seqlens"], kwargs["max_seqlen"] = cu, mx
+                kwargs["position_embeddings"] = kw["position_embeddings"]
+                if kw["log_size"] is not None and self.session.proportional:
+                    from tokcomp.encoder import ChunkedBias
+
+                    kwargs["tokcomp_bias"] = ChunkedBias(kw["log_size"])
+                call.tokens_per_block[i] = [it.num_tokens for it in call.items]
+            if args:
+                args = (hs, *args[1:])
+            else:
+                kwargs["hidden_states"] = hs
+            return args, kwargs
+
+        return hook
+
+    def _unit_slots(self, device: torch.device) -> list[torch.Tensor]:
+        """For each item, the merger-input window slot of each of its original LLM tokens, in output order."""
+        call = self.call
+        assert call is not None
+        counts = [t * (h // self.m) * (w // self.m) for t, h, w in call.grids]
+        total = sum(counts)
+        out_to_in = torch.arange(total, device=device)
+        if call.window_index is not None:
+            # the tower un-permutes the merger's output with argsort(window_index): output row u comes from
+            # merger input window argsort(window_index)[u]
+            out_to_in = torch.argsort(call.window_index.to(device))
+        return list(torch.split(out_to_in, counts))
+
+    def _expand(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        call = self.call
+        if call is None or call.items is None:
+            return None
+        hs = args[0]
+        items = self._unpack(hs, -1)
+        unit = self.m * self.m
+        n_orig = sum(t * h * w for t, h, w in call.grids)
+        full = hs.new_zeros(n_orig, hs.shape[-1])
+        slots = self._unit_slots(hs.device)
+        for it, sl in zip(items, slots):
+            x = torch.stack([fr.x for fr in it.frames])  # (t, h, w, c)
+            t, h, w = it.grid
+            x = x.reshape(t, h // self.m, self.m, w // self.m, self.m, -1).permute(0, 1, 3, 2, 4, 5)
+            x = x.reshape(-1, unit, x.shape[-1])  # new LLM tokens in raster order, 2x2 window inside
+            rows = (sl[: x.shape[0], None] * unit + torch.arange(unit, device=hs.device)).reshape(-1)
+            full[rows] = x.reshape(-1, x.shape[-1])
+        return (full, *args[1:])
+
+    def _finish(self, module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        call = self.call
+        if call is None:
+            return None
+        self.call = None
+        m = self.m
+        pooled = out.pooler_output
+        counts = [t * (h // m) * (w // m) for t, h, w in call.grids]
+        if call.items is None:
+            items_units = [
+                _unit_items(pooled_i, (t, h // m, w // m), None, m)
+                for pooled_i, (t, h, w) in zip(torch.split(pooled, counts), call.grids)
+            ]
+        else:
+            items_units = []
+            for pooled_i, it in zip(torch.split(pooled, counts), call.items):
+                t, h, w = it.grid
+                n = t * (h // m) * (w // m)
+                items_units.append(_unit_items(pooled_i[:n], (t, h // m, w // m), it, m))
+        if self.session.projector_stages:
+            items_units = self.session.run("projector", self.adapter.num_vision_blocks, items_units)
+        changed = call.items is not None or bool(self.session.projector_stages)
+        result = VisionCallResult(counts, [], [], [])
+        new = pooled.clone() if changed else pooled
+        offset = 0
+        for it, n in zip(items_units, counts):
+            fr0 = it.frames[0]
+            k = it.num_tokens
+            if changed:
+                block = torch.cat([fr.x.reshape(-1, fr.x.shape[-1]) for fr in it.frames])
+                new[offset:offset + n] = 0
+                new[offset:offset + k] = block.to(new.dtype)
+            result.units.append(k)
+            result.features.append(new[offset:offset + k])
+            if fr0.is_grid:
+                result.grids.append(it.grid)
+                result.anchors.append(None)
+            else:
+                t0, h0, w0 = it.original
+                result.grids.append(it.original)
+                anchors = []
+                for f, fr in enumerate(it.frames):
+                    rc = fr.pos.reshape(-1, 2).round().long()
+                    rc[:, 0].clamp_(0, h0 - 1)
+                    rc[:, 1].clamp_(0, w0 - 1)
+                    anchors.append(f * h0 * w0 + rc[:, 0] * w0 + rc[:, 1])
+                result.anchors.append(torch.cat(anchors))
+            result.provenance.append([fr.owner for fr in it.frames])
+            offset += n
+        result.encoder_tokens = dict(call.tokens_per_block)
+        self.session.pending.append(result)
+        if changed:
+            out.pooler_output = new
+            return out
+        return None
+
+
+def _unit_items(x: torch.Tensor, grid: tuple[int, int, int], patches: VisualItemTokens | None,
+                m: int) -> VisualItemTokens:
+    """The projector's output for one item as LLM-token grids, with sizes/positions/provenance carried from
+    the patch-level grid (each LLM token is an m x m window of it)."""
+    t, h, w = grid
+    xs = x.reshape(t, h, w, -1)
+    frames = []
+    for f in range(t):
+        if patches is None:
+            fr = FrameGrid.fresh(xs[f])
+            fr = fr.with_values(size=fr.size * m * m)
+            hp, wp = h * m, w * m
+            rows, cols = torch.meshgrid(torch.arange(hp), torch.arange(wp), indexing="ij")
+            owner = ((rows // m) * w + cols // m).reshape(-1).to(x.device)
+            frames.append(fr.with_values(owner=owner))
+            continue
+        pf = patches.frames[f]
+        s = pf.size.reshape(h, m, w, m).sum((1, 3))
+        p = (pf.pos * pf.size[..., None]).reshape(h, m, w, m, 2).sum((1, 3)) / s[..., None]
+        p = (p - (m - 1) / 2) / m  # patch units -> LLM-token units
+        tok = pf.owner  # original patch -> patch-level token (raster in the merged patch grid)
+        wp = pf.shape[1]
+        owner = (tok // wp // m) * w + (tok % wp) // m
+        frames.append(FrameGrid(xs[f], s, p, owner))
+    kind = "image" if t == 1 else "video"
+    return VisualItemTokens(kind, frames, grid)

@@ -2,7 +2,7 @@
 
 Import a strategy class from here to use it in a schedule::
 
-    from tokcomp.strategies import SPU, FastV, VTW, RandomPrune
+    from tokcomp.strategies import SPU, OIM, ToMe, Downsample, FastV, VTW, RandomPrune
 """
 
 from __future__ import annotations
@@ -12,15 +12,18 @@ from collections.abc import Callable
 from tokcomp.hookspecs import hookimpl
 
 from .baselines import RandomPrune
+from .downsample import Downsample
 from .fastv import FastV
+from .oim import OIM
 from .spu import SPU
+from .tome import ToMe
 from .vtw import VTW
 
-__all__ = ["SPU", "FastV", "VTW", "RandomPrune", "tokcomp_register_strategies"]
+__all__ = ["SPU", "OIM", "ToMe", "Downsample", "FastV", "VTW", "RandomPrune", "tokcomp_register_strategies"]
 
 
 @hookimpl
 def tokcomp_register_strategies(register: Callable[[type], None]) -> None:
     """Register the built-in strategies."""
-    for cls in (SPU, FastV, VTW, RandomPrune):
+    for cls in (SPU, OIM, ToMe, Downsample, FastV, VTW, RandomPrune):
         register(cls)

@@ -12,10 +12,17 @@ that the bins partition the grid: each input token, and so each original patch, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor
 
-__all__ = ["bin_index", "downsample_grid"]
+from tokcomp.contracts import VisualStrategy
+from tokcomp.errors import RuntimeStateError, ScheduleError
+from tokcomp.tokens import FrameGrid, VisualItemTokens, VisualTokens
+
+__all__ = ["Downsample", "bin_index", "downsample_grid"]
 
 
 def bin_index(n: int, out: int, device: torch.device | str | None = None) -> Tensor:
@@ -109,3 +116,49 @@ def downsample_grid(
         new_pos.view(out_h, out_w, 2).to(pos.dtype),
         cell[owner],
     )
+
+
+@dataclass
+class Downsample(VisualStrategy):
+    """Plain 2-D average pooling of every frame's grid, the baseline recent benchmarks found hard to beat.
+
+    Args:
+        factor: Each side is divided by this (rounded down to the grid unit, at least one unit).
+        weighted: Size-weighted averages (after earlier merges) instead of plain means.
+    """
+
+    name: ClassVar[str] = "downsample"
+    factor: float = 2.0
+    weighted: bool = True
+
+    def check(self) -> None:
+        """``factor >= 1``."""
+        if not self.factor >= 1.0:
+            raise ScheduleError(f"downsample: factor must be >= 1 (1 keeps the grid), got {self.factor}")
+
+    def default_layers(self, num_layers: int) -> list[int]:
+        """The last block's input."""
+        return [num_layers - 1]
+
+    def validate(self, stage: Any, adapter: Any) -> None:
+        """Nothing beyond the base checks: the target side is rounded to the unit."""
+        super().validate(stage, adapter)
+
+    def reduce(self, tokens: VisualTokens) -> VisualTokens:
+        """Pool each frame to ``side / factor``."""
+        mult = tokens.multiple
+        items = []
+        for it in tokens.items:
+            frames = []
+            for fr in it.frames:
+                if not fr.is_grid:
+                    raise RuntimeStateError("downsample needs grids; an earlier stage broke the 2-D layout")
+                h, w = fr.shape
+                oh = max(mult, int(h / self.factor) // mult * mult) if h >= mult else h
+                ow = max(mult, int(w / self.factor) // mult * mult) if w >= mult else w
+                x, size, pos, owner = downsample_grid(fr.x, fr.size, fr.pos, fr.owner, oh, ow, mult,
+                                                      weighted=self.weighted)
+                frames.append(FrameGrid(x, size, pos, owner))
+            items.append(VisualItemTokens(it.kind, frames, it.original))
+        return VisualTokens(items, tokens.site, tokens.layer, tokens.num_layers, tokens.stage_layers,
+                            tokens.multiple)

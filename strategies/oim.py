@@ -32,14 +32,20 @@ Rules chosen where the specification is silent (also stated on each function):
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from tokcomp.contracts import VisualStrategy
+from tokcomp.errors import RuntimeStateError, ScheduleError
+from tokcomp.tokens import FrameGrid, VisualItemTokens, VisualTokens
+
 __all__ = [
+    "OIM",
     "Axis",
     "GridState",
     "init_grid_state",
@@ -384,3 +390,91 @@ def oim_merge_pairs(
     new_owner = _remap_owner(owner, w, new_col, axis, new_w)
     new_x, new_size, new_pos = (_from_canonical(t, axis) for t in (new_x, new_size, new_pos))
     return new_x, new_size, new_pos, new_owner
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The strategy: applies one OIM iteration per scheduled encoder block, alternating the axis.
+
+
+@dataclass
+class OIM(VisualStrategy):
+    """Orthogonal Iterative Merger (LUVC): merge whole columns, then whole rows, ... inside the encoder.
+
+    Each scheduled block is one iteration along one axis (``first_axis`` first, then alternating), so the
+    grid stays rectangular and its sides stay divisible by the projector's unit.
+
+    Args:
+        rate: Fraction of the lines along the iteration's axis removed per iteration.
+        r: Lines removed per iteration (overrides ``rate``; rounded down to the grid unit).
+        metric: ``"keys"`` (the previous block's attention keys, head-averaged) or ``"hidden"``.
+        mode: ``"lines"`` (whole columns/rows) or ``"pairs"`` (adjacent token pairs inside each row).
+        first_axis: ``"width"`` or ``"height"``.
+        proportional_attention: Add ``log size`` to the attention logits in the following blocks.
+    """
+
+    name: ClassVar[str] = "oim"
+    rate: float = 0.25
+    r: int | None = None
+    metric: str = "keys"
+    mode: str = "lines"
+    first_axis: str = "width"
+    proportional_attention: bool = True
+
+    def check(self) -> None:
+        """Parameter ranges."""
+        if not 0.0 <= self.rate < 1.0:
+            raise ScheduleError(f"oim: rate must be in [0, 1) (fraction of lines removed), got {self.rate}")
+        if self.r is not None and self.r < 0:
+            raise ScheduleError(f"oim: r must be >= 0, got {self.r}")
+        if self.metric not in ("keys", "hidden"):
+            raise ScheduleError(f"oim: metric must be 'keys' or 'hidden', got {self.metric!r}")
+        if self.mode not in ("lines", "pairs"):
+            raise ScheduleError(f"oim: mode must be 'lines' or 'pairs', got {self.mode!r}")
+        if self.first_axis not in ("width", "height"):
+            raise ScheduleError(f"oim: first_axis must be 'width' or 'height', got {self.first_axis!r}")
+
+    def default_layers(self, num_layers: int) -> list[int]:
+        """Two iterations in the last third of the encoder."""
+        a = num_layers - max(1, num_layers // 3)
+        b = num_layers - max(1, num_layers // 6)
+        return sorted({a, b}) if b != a else [a]
+
+    def validate(self, stage: Any, adapter: Any) -> None:
+        """Grid sides must stay divisible by the adapter's unit, and merges must leave tokens."""
+        super().validate(stage, adapter)
+        if self.r is not None and stage.site == "encoder" and self.r % max(1, adapter.grid_multiple):
+            raise ScheduleError(
+                f"oim: r={self.r} lines cannot keep the grid sides divisible by {adapter.grid_multiple} (the "
+                f"{adapter.name!r} projector's unit); use a multiple of {adapter.grid_multiple}"
+            )
+
+    def axis_at(self, iteration: int) -> Axis:
+        """The axis of iteration ``iteration`` (0-based)."""
+        other: Axis = "height" if self.first_axis == "width" else "width"
+        return self.first_axis if iteration % 2 == 0 else other  # type: ignore[return-value]
+
+    def reduce(self, tokens: VisualTokens) -> VisualTokens:
+        """One iteration on every frame of every item."""
+        axis = self.axis_at(tokens.iteration)
+        mult = tokens.multiple
+        merge = oim_merge_lines if self.mode == "lines" else oim_merge_pairs
+        items = []
+        removed = 0
+        for it in tokens.items:
+            frames = []
+            for fr in it.frames:
+                if not fr.is_grid:
+                    raise RuntimeStateError("oim needs grids; an earlier stage broke the 2-D layout")
+                h, w = fr.shape
+                side = w if axis == "width" else h
+                r = self.r if self.r is not None else rate_to_r(side, self.rate, mult)
+                r = min(r, max(0, side - mult))
+                r -= r % mult
+                metric = fr.metric if (self.metric == "keys" and fr.metric is not None) else fr.x
+                x, size, pos, owner = merge(fr.x, fr.size, fr.pos, fr.owner, metric, axis, r, mult)
+                removed += fr.num_tokens - x.shape[0] * x.shape[1]
+                frames.append(FrameGrid(x, size, pos, owner))
+            items.append(VisualItemTokens(it.kind, frames, it.original))
+        info = {"axis": axis, "removed": removed}
+        return VisualTokens(items, tokens.site, tokens.layer, tokens.num_layers, tokens.stage_layers,
+                            tokens.multiple, info)

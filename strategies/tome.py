@@ -21,13 +21,19 @@ Rules chosen where the specification is silent:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokcomp.contracts import VisualStrategy
+from tokcomp.errors import ScheduleError
+from tokcomp.tokens import FrameGrid, VisualItemTokens, VisualTokens
+
 __all__ = [
+    "ToMe",
     "MergeFn",
     "bipartite_soft_matching",
     "merge_source",
@@ -225,3 +231,64 @@ def proportional_attention_bias(size: Tensor, dtype: torch.dtype | None = None) 
         raise ValueError(f"size must be (B, T, 1) or (B, T), got shape {tuple(size.shape)}")
     bias = size.log()[:, None, None, :]
     return bias if dtype is None else bias.to(dtype)
+
+
+@dataclass
+class ToMe(VisualStrategy):
+    """Token Merging (Bolya et al., ICLR 2023): bipartite soft matching on head-averaged keys.
+
+    Each frame's tokens are merged as one 1-D sequence (the 2-D grid is not kept), size-weighted, with
+    proportional attention in the following blocks and provenance tracked. Placement differs from the
+    reference in one respect: tokcomp runs it at the *input* of the scheduled blocks, with the previous
+    block's keys, instead of between a block's attention and its MLP.
+
+    Args:
+        r: Tokens removed per scheduled block: an int, ``(r, inflect)`` or a per-block list (ToMe's forms,
+            over the stage's blocks).
+        metric: ``"keys"`` or ``"hidden"``.
+        proportional_attention: Add ``log size`` to the attention logits in the following blocks.
+        class_token: Protect the first token of each frame (a CLS token) from merging.
+    """
+
+    name: ClassVar[str] = "tome"
+    preserves_grid: ClassVar[bool] = False
+    r: Any = 8
+    metric: str = "keys"
+    proportional_attention: bool = True
+    class_token: bool = False
+
+    def check(self) -> None:
+        """The schedule form must parse."""
+        try:
+            parse_r(4, self.r)
+        except (TypeError, ValueError) as exc:
+            raise ScheduleError(f"tome: bad r={self.r!r}: {exc}") from None
+        if self.metric not in ("keys", "hidden"):
+            raise ScheduleError(f"tome: metric must be 'keys' or 'hidden', got {self.metric!r}")
+
+    def default_layers(self, num_layers: int) -> list[int]:
+        """Every block (the reference merges in all of them)."""
+        return list(range(num_layers))
+
+    def reduce(self, tokens: VisualTokens) -> VisualTokens:
+        """Merge ``r`` tokens of every frame."""
+        r = parse_r(len(tokens.stage_layers), self.r)[tokens.iteration]
+        items = []
+        for it in tokens.items:
+            frames = []
+            for fr in it.frames:
+                n = fr.num_tokens
+                x = fr.x.reshape(1, n, -1)
+                m = fr.metric if (self.metric == "keys" and fr.metric is not None) else fr.x
+                merge, _ = bipartite_soft_matching(m.reshape(1, n, -1).float(), r, class_token=self.class_token)
+                size = fr.size.reshape(1, n, 1).float()
+                xm, new_size = merge_wavg(merge, x.float(), size)
+                pos, _ = merge_wavg(merge, fr.pos.reshape(1, n, 2).float(), size)
+                onehot = torch.eye(n, device=x.device).unsqueeze(0)
+                old_to_new = merge(onehot, mode="amax")[0].argmax(0)  # (n,) new index of each old token
+                k = xm.shape[1]
+                frames.append(FrameGrid(xm.to(fr.x.dtype).reshape(1, k, -1), new_size.reshape(1, k),
+                                        pos.reshape(1, k, 2), old_to_new[fr.owner], None, is_grid=False))
+            items.append(VisualItemTokens(it.kind, frames, it.original))
+        return VisualTokens(items, tokens.site, tokens.layer, tokens.num_layers, tokens.stage_layers,
+                            tokens.multiple, {"r": r})

@@ -30,6 +30,7 @@ __all__ = [
     "LLMDecision",
     "Strategy",
     "LLMStrategy",
+    "VisualStrategy",
     "Adapter",
     "AttentionParts",
 ]
@@ -260,6 +261,41 @@ class LLMStrategy(Strategy):
         raise NotImplementedError
 
 
+class VisualStrategy(Strategy):
+    """A strategy that runs at the ``encoder`` and/or ``projector`` site on `tokcomp.tokens.VisualTokens`.
+
+    Attributes:
+        metric: ``"keys"`` asks the runtime for the previous block's attention keys (head-averaged) as
+            each frame's ``metric``; ``"hidden"`` uses the hidden states.
+        proportional_attention: After a merge, the following encoder blocks add ``log size`` to the
+            attention logits of each key.
+    """
+
+    sites: ClassVar[frozenset[str]] = frozenset({"encoder", "projector"})
+    metric: str = "hidden"
+    proportional_attention: bool = False
+
+    def reduce(self, tokens: Any) -> Any:
+        """Return a smaller `tokcomp.tokens.VisualTokens` (same items, fewer tokens per frame)."""
+        raise NotImplementedError
+
+    def validate(self, stage: Stage, adapter: Adapter) -> None:
+        """A grid-breaking strategy cannot feed a projector that needs the grid."""
+        if not self.preserves_grid and stage.site == "encoder" and adapter.grid_multiple > 1:
+            raise ScheduleError(
+                f"{self.name!r} merges tokens without keeping the 2-D grid, but the {adapter.name!r} projector "
+                f"needs a rectangular grid with sides divisible by {adapter.grid_multiple}. Run it at "
+                "site='projector', or use a grid-preserving strategy ('oim', 'downsample') in the encoder."
+            )
+        if self.proportional_attention and stage.site == "encoder" and adapter.vision_attn_implementation.startswith(
+            "flash"
+        ):
+            raise ScheduleError(
+                f"{self.name!r}: proportional attention needs an additive bias, which flash attention in the "
+                "vision tower cannot take; set proportional_attention=False or load the model with sdpa"
+            )
+
+
 def check_keep_ratio(name: str, value: float) -> None:
     """Raise a `ScheduleError` unless ``0 < value <= 1``."""
     if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
@@ -358,3 +394,49 @@ class Adapter:
     def layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         """Each sample's visual layout, from the keyword arguments of a prefill call of the model."""
         raise NotImplementedError
+
+    # -- vision tower (encoder / projector sites) ---------------------------------------------------------
+    @property
+    def num_vision_blocks(self) -> int:
+        """Depth of the vision encoder."""
+        raise NotImplementedError
+
+    @property
+    def vision_attn_implementation(self) -> str:
+        """The vision tower's attention backend."""
+        return "sdpa"
+
+    def vision_attention_configs(self) -> list[Any]:
+        """The config objects the vision tower's attention modules read their backend from."""
+        raise NotImplementedError
+
+    def install_vision(self, session: Any) -> list[Any]:
+        """Install the vision-tower hooks of an encoder/projector session; return their handles.
+
+        Adapters that support the ``encoder`` or ``projector`` site implement this (see `tokcomp.encoder`).
+        """
+        raise NotImplementedError
+
+    def llm_input(self, call: dict[str, Any], lm_kwargs: dict[str, Any], results: list[Any]) -> LLMInput:
+        """How the LLM input follows what the vision tower emitted (see `LLMInput`)."""
+        raise NotImplementedError
+
+
+@dataclass
+class LLMInput:
+    """How the LLM's input sequence follows encoder/projector-side compression.
+
+    The model still builds its input at the uncompressed length (the projector's output is padded back);
+    the runtime then removes the ``keep == False`` slots before decoder layer 0.
+
+    Attributes:
+        layouts: Each sample's visual layout over the *kept* tokens, with the new grids.
+        keep: ``(B, L)`` bool, the slots that carry a real token.
+        position_ids: Replacement position ids for the language model (same shape as it received), or None.
+        decode_shift: ``(B,)`` added to the position ids of every decoding step, or None.
+    """
+
+    layouts: list[SampleLayout]
+    keep: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    decode_shift: torch.Tensor | None = None

@@ -34,6 +34,7 @@ from torch import nn
 
 from . import registry
 from .contracts import Adapter, LLMDecision, LLMStrategy, LLMView, Projections, SampleLayout
+from .encoder import BIAS_PREFIX, VisionSession, enable_bias_attention
 from .errors import RuntimeStateError, ScheduleError, UnsupportedModelError
 from .report import Report, StageEvent
 from .schedule import ResolvedStage, Schedule, Stage
@@ -136,6 +137,10 @@ class _Prefill:
     events: list[StageEvent] = field(default_factory=list)
     overhead_s: float = 0.0
     mask2d: torch.Tensor | None = None  # decode: generate()'s 2-D mask for the current step
+    call: dict[str, Any] = field(default_factory=dict)
+    initial_keep: torch.Tensor | None = None  # (B, L) slots carrying a real token after encoder stages
+    decode_shift: torch.Tensor | None = None  # (B,) position shift of decoding steps (new grids' M-RoPE)
+    vision: list[Any] = field(default_factory=list)  # the vision-tower results this prefill consumed
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -149,6 +154,17 @@ def _gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     if x.shape[0] == 1 and index.shape[0] > 1:
         x = x.expand(index.shape[0], *x.shape[1:])
     return x.gather(dim, idx.expand(size))
+
+
+def _left_packed(keep: torch.Tensor) -> torch.Tensor:
+    """(B, S) indices of the True slots of each row, left-padded with -1 to a common width."""
+    counts = keep.sum(1)
+    width = int(counts.max()) if keep.numel() else 0
+    out = torch.full((keep.shape[0], width), -1, dtype=torch.long, device=keep.device)
+    for b in range(keep.shape[0]):
+        sl = keep[b].nonzero().squeeze(1)
+        out[b, width - sl.numel():] = sl
+    return out
 
 
 class CompressionRun:
@@ -173,6 +189,10 @@ class CompressionRun:
                 by_layer.setdefault(layer, []).append(s)
         self._by_layer = by_layer
         self._first = min(by_layer) if by_layer else None
+        self.vision = VisionSession(stages, self._vision_depth(adapter, stages), adapter.grid_multiple)
+        self._saved_attn: list[tuple[Any, str]] = []
+        if self.vision.active:
+            self._first = 0  # the LLM input itself shrinks: every layer needs the per-slot bookkeeping
         # layers whose input is kept for score computation at the next layer
         self._capture = {
             layer - 1
@@ -187,6 +207,12 @@ class CompressionRun:
                         f"stage {s.label}: {type(s.strategy).name} scores tokens with the attention of the "
                         "previous layer, so it cannot run at layer 0; use layers >= 1"
                     )
+
+    @staticmethod
+    def _vision_depth(adapter: Adapter, stages: list[ResolvedStage]) -> int:
+        if not any(s.site in ("encoder", "projector") for s in stages):
+            return 0
+        return adapter.num_vision_blocks
 
     # -- context manager -----------------------------------------------------------------------------
     def __enter__(self) -> CompressionRun:
@@ -211,6 +237,10 @@ class CompressionRun:
         self._handles.append(h)
         lm = self.adapter.language_model
         self._handles.append(lm.register_forward_pre_hook(self._lm_hook, with_kwargs=True))
+        if self.vision.active:
+            self._handles.extend(self.adapter.install_vision(self.vision))
+            if self.vision.proportional:
+                self._use_bias_attention()
         if self._first is None:
             return
         start = min([self._first, *self._capture])
@@ -218,10 +248,26 @@ class CompressionRun:
             if i >= start:
                 self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
 
+    def _use_bias_attention(self) -> None:
+        """Point the vision tower's attention at tokcomp's bias-aware wrapper of the same backend."""
+        enable_bias_attention()
+        for cfg in self.adapter.vision_attention_configs():
+            impl = cfg._attn_implementation_internal
+            if impl not in ("sdpa", "eager"):
+                raise ScheduleError(
+                    f"proportional attention in the vision tower supports sdpa and eager, not {impl!r}; "
+                    "set proportional_attention=False on the encoder strategy"
+                )
+            self._saved_attn.append((cfg, impl))
+            cfg._attn_implementation_internal = BIAS_PREFIX + impl
+
     def _remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for cfg, impl in reversed(self._saved_attn):
+            cfg._attn_implementation_internal = impl
+        self._saved_attn.clear()
         if "_tokcomp_active" in self.model.__dict__:
             del self.model.__dict__["_tokcomp_active"]
         self._active = False
@@ -300,6 +346,7 @@ class CompressionRun:
             vis_rank[b, lay.positions] = torch.arange(lay.num_visual, device=ids.device)
         self._state = _Prefill(B, L, valid0, layouts, vis_rank, cache)
         st = self._state
+        st.call = call
         st.visual_per_layer = [[lay.num_visual for lay in layouts] for _ in range(self.adapter.num_layers)]
         st.slots_per_layer = [L] * self.adapter.num_layers
         self.num_prefills += 1
@@ -312,20 +359,47 @@ class CompressionRun:
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             if self._first is not None:
                 raise RuntimeStateError("tokcomp needs the 2-D attention mask; got a pre-built 4-D or dict mask")
-        emb = kwargs.get("inputs_embeds")
-        q = emb.shape[1] if emb is not None else (args[0].shape[1] if args else 0)
         st.mask2d = mask if isinstance(mask, torch.Tensor) else None
-        if self._first == 0 and st.index is not None and isinstance(mask, torch.Tensor):
-            # Layer 0's cache is short too, so the model sizes its masks from the compressed length;
-            # hand it the 2-D mask restricted to the slots layer 0 holds plus the new tokens.
+        cache = kwargs.get("past_key_values")
+        decode = cache is not None and st.cache is cache and st.index is not None
+        if not decode:
+            if self.vision.active:
+                self._follow_vision(kwargs)
+            return args, kwargs
+        if st.decode_shift is not None:
+            pid = kwargs.get("position_ids")
+            if isinstance(pid, torch.Tensor) and pid.dim() == 3:
+                pid = pid.clone()
+                pid[-3:] += st.decode_shift.to(pid.device)[None, :, None]
+                kwargs["position_ids"] = pid
+        if 0 in st.index_per_layer and isinstance(mask, torch.Tensor):
+            # Layer 0's cache is short too, so the model sizes its masks from the compressed length; hand it
+            # the 2-D mask restricted to the slots layer 0 holds plus the new tokens.
             extra = torch.arange(st.length, mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
             rec = st.records[0]
             idx = torch.cat([st.index_per_layer[0], extra], 1)
-            m = _gather(mask, idx, 1) * torch.cat([rec.valid, torch.ones_like(extra, dtype=torch.bool)], 1)
+            m = _gather(mask, idx, 1).bool() & torch.cat([rec.valid, torch.ones_like(extra, dtype=torch.bool)], 1)
             kwargs["attention_mask"] = m.to(mask.dtype)
-            del q
-            return args, kwargs
-        return None
+        return args, kwargs
+
+    def _follow_vision(self, kwargs: dict) -> None:
+        """Prefill after encoder/projector stages: which slots are real, the new layouts and positions."""
+        st = self._state
+        assert st is not None
+        results = self.vision.take()
+        if not results:
+            return
+        inp = self.adapter.llm_input(st.call, kwargs, results)
+        st.vision = results
+        st.layouts = inp.layouts
+        st.vis_rank = torch.full_like(st.vis_rank, -1)
+        for b, lay in enumerate(inp.layouts):
+            st.vis_rank[b, lay.positions] = torch.arange(lay.num_visual, device=st.vis_rank.device)
+        st.visual_per_layer = [[lay.num_visual for lay in inp.layouts] for _ in range(self.adapter.num_layers)]
+        st.initial_keep = inp.keep & st.valid0
+        st.decode_shift = inp.decode_shift
+        if inp.position_ids is not None:
+            kwargs["position_ids"] = inp.position_ids
 
     def _layer_hook(self, i: int) -> Callable[..., tuple[tuple, dict]]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -359,6 +433,10 @@ class CompressionRun:
             )
         if st.index is None:
             st.index = torch.arange(st.length, device=hs.device).expand(st.batch, -1)
+            if st.initial_keep is not None and not bool(st.initial_keep[st.valid0].all()):
+                # encoder/projector stages left unused placeholder slots: remove them before layer 0
+                st.index = _left_packed(st.initial_keep)
+                hs = _gather(hs, st.index, 1).masked_fill((st.index < 0).unsqueeze(-1), 0)
             pe = kwargs.get("position_embeddings")
             if pe is None:
                 raise RuntimeStateError(f"decoder layer {i} got no position_embeddings; unsupported model")

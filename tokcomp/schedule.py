@@ -223,10 +223,23 @@ class Schedule:
                 strategy.check()
             except ScheduleError as exc:
                 raise ScheduleError(f"{where}: {exc}") from None
-            layers = stage.layers if stage.layers is not None else strategy.default_layers(num_layers)
+            if stage.site == "projector":
+                layers = [0]  # the projector runs once
+            elif stage.site == "encoder":
+                layers = stage.layers if stage.layers is not None else strategy.default_layers(adapter.num_vision_blocks)
+            else:
+                layers = stage.layers if stage.layers is not None else strategy.default_layers(num_layers)
             layers = tuple(sorted(set(int(x) for x in layers)))
             if not layers:
                 raise ScheduleError(f"{where}: no layers given; pass layers=[...] with at least one index")
+            if stage.site == "encoder":
+                depth = adapter.num_vision_blocks
+                bad = [x for x in layers if not 0 <= x < depth]
+                if bad:
+                    raise ScheduleError(
+                        f"{where}: block(s) {bad} outside the vision encoder, which has {depth} blocks (valid "
+                        f"indices 0..{depth - 1}; a stage runs at the input of the blocks it names)."
+                    )
             if stage.site == "llm":
                 bad = [x for x in layers if not 0 <= x < num_layers]
                 if bad:

@@ -1,0 +1,116 @@
+"""`VisualTokens`: what encoder- and projector-site strategies see and return.
+
+One image is one item with one frame; a video is one item with ``t`` frames (Qwen2-VL: temporal patch
+groups). A frame is a rectangular grid of tokens with their sizes, continuous positions and provenance.
+Strategies that keep the grid return frames that are still rectangular (all frames of an item with the same
+shape); strategies that do not (ToMe) return frames of shape ``(1, n)`` and set ``is_grid=False``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+__all__ = ["FrameGrid", "VisualItemTokens", "VisualTokens"]
+
+
+@dataclass
+class FrameGrid:
+    """One frame's tokens as a grid.
+
+    Attributes:
+        x: ``(h, w, c)`` hidden states.
+        size: ``(h, w)`` float, original patches each token stands for (starts at 1).
+        pos: ``(h, w, 2)`` float, size-weighted mean ``(row, col)`` of the original patches, in the
+            original grid's units.
+        owner: ``(n_orig,)`` long, for every original patch (raster index) the raster index of the token
+            that holds it now: provenance.
+        metric: Optional ``(h, w, c_m)`` similarity features (the block's keys averaged over heads).
+        is_grid: False once a strategy broke the 2-D layout (then ``h == 1``).
+    """
+
+    x: torch.Tensor
+    size: torch.Tensor
+    pos: torch.Tensor
+    owner: torch.Tensor
+    metric: torch.Tensor | None = None
+    is_grid: bool = True
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(h, w)``."""
+        return int(self.x.shape[0]), int(self.x.shape[1])
+
+    @property
+    def num_tokens(self) -> int:
+        """``h * w``."""
+        return self.shape[0] * self.shape[1]
+
+    @classmethod
+    def fresh(cls, x: torch.Tensor, metric: torch.Tensor | None = None) -> FrameGrid:
+        """A frame that has not been reduced: sizes 1, integer positions, identity provenance."""
+        h, w = x.shape[:2]
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        pos = torch.stack([rows, cols], -1).to(device=x.device, dtype=torch.float32)
+        size = torch.ones(h, w, device=x.device, dtype=torch.float32)
+        owner = torch.arange(h * w, device=x.device)
+        return cls(x, size, pos, owner, metric)
+
+    def with_values(self, **changes: object) -> FrameGrid:
+        """A copy with some fields replaced."""
+        return replace(self, **changes)
+
+
+@dataclass
+class VisualItemTokens:
+    """One image or video.
+
+    Attributes:
+        kind: ``"image"`` or ``"video"``.
+        frames: Its frames (one for an image).
+        original: ``(t, h, w)`` grid the item started with, in the site's units.
+    """
+
+    kind: str
+    frames: list[FrameGrid]
+    original: tuple[int, int, int]
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Current ``(t, h, w)``."""
+        h, w = self.frames[0].shape
+        return len(self.frames), h, w
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens over all frames."""
+        return sum(f.num_tokens for f in self.frames)
+
+
+@dataclass
+class VisualTokens:
+    """All visual items of one vision-encoder call, handed to an encoder/projector-site strategy.
+
+    Attributes:
+        items: The images/videos.
+        site: ``"encoder"`` or ``"projector"``.
+        layer: Encoder block at whose input the strategy runs (the projector: number of blocks).
+        num_layers: Encoder depth.
+        stage_layers: The stage's sorted layers.
+        multiple: Grid sides must stay divisible by this (the projector's unit).
+        info: Numbers the strategy wants in the report.
+    """
+
+    items: list[VisualItemTokens]
+    site: str
+    layer: int
+    num_layers: int
+    stage_layers: tuple[int, ...]
+    multiple: int = 1
+    info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def iteration(self) -> int:
+        """Index of ``layer`` in the stage's layers (0 for the first)."""
+        return self.stage_layers.index(self.layer) if self.layer in self.stage_layers else 0
