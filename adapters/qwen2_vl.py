@@ -540,7 +540,7 @@ class _QwenVision:
             result.provenance.append([fr.owner for fr in it.frames])
             offset += n
         result.encoder_tokens = dict(call.tokens_per_block)
-        self.session.pending.append(result)
+        self.session.finish_call(result)
         if changed:
             out.pooler_output = new
             return out

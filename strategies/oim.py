@@ -410,6 +410,8 @@ class OIM(VisualStrategy):
         mode: ``"lines"`` (whole columns/rows) or ``"pairs"`` (adjacent token pairs inside each row).
         first_axis: ``"width"`` or ``"height"``.
         proportional_attention: Add ``log size`` to the attention logits in the following blocks.
+        iterations: Total iterations over the stage; ``None`` runs one per scheduled block. With fewer
+            blocks than iterations, the blocks share them evenly (the axis keeps alternating).
     """
 
     name: ClassVar[str] = "oim"
@@ -419,9 +421,12 @@ class OIM(VisualStrategy):
     mode: str = "lines"
     first_axis: str = "width"
     proportional_attention: bool = True
+    iterations: int | None = None
 
     def check(self) -> None:
         """Parameter ranges."""
+        if self.iterations is not None and self.iterations < 1:
+            raise ScheduleError(f"oim: iterations must be >= 1, got {self.iterations}")
         if not 0.0 <= self.rate < 1.0:
             raise ScheduleError(f"oim: rate must be in [0, 1) (fraction of lines removed), got {self.rate}")
         if self.r is not None and self.r < 0:
@@ -434,10 +439,11 @@ class OIM(VisualStrategy):
             raise ScheduleError(f"oim: first_axis must be 'width' or 'height', got {self.first_axis!r}")
 
     def default_layers(self, num_layers: int) -> list[int]:
-        """Two iterations in the last third of the encoder."""
-        a = num_layers - max(1, num_layers // 3)
-        b = num_layers - max(1, num_layers // 6)
-        return sorted({a, b}) if b != a else [a]
+        """``iterations`` (default 2) blocks spread over the last third of the encoder."""
+        n = self.iterations or 2
+        start = num_layers - max(1, num_layers // 3)
+        span = num_layers - start
+        return sorted({start + (k * span) // n for k in range(n)})
 
     def validate(self, stage: Any, adapter: Any) -> None:
         """Grid sides must stay divisible by the adapter's unit, and merges must leave tokens."""
@@ -454,8 +460,20 @@ class OIM(VisualStrategy):
         return self.first_axis if iteration % 2 == 0 else other  # type: ignore[return-value]
 
     def reduce(self, tokens: VisualTokens) -> VisualTokens:
-        """One iteration on every frame of every item."""
-        axis = self.axis_at(tokens.iteration)
+        """This block's iteration(s) on every frame of every item."""
+        total = self.iterations or len(tokens.stage_layers)
+        per = -(-total // len(tokens.stage_layers))
+        first = tokens.iteration * per
+        info: dict[str, Any] = {"axes": [], "removed": 0}
+        for it in range(first, min(first + per, total)):
+            tokens = self._iterate(tokens, it)
+            info["axes"].append(tokens.info["axis"])
+            info["removed"] += tokens.info["removed"]
+        tokens.info = info
+        return tokens
+
+    def _iterate(self, tokens: VisualTokens, iteration: int) -> VisualTokens:
+        axis = self.axis_at(iteration)
         mult = tokens.multiple
         merge = oim_merge_lines if self.mode == "lines" else oim_merge_pairs
         items = []

@@ -46,7 +46,9 @@ __all__ = [
 
 def _check_bool_vector(name: str, mask: Tensor, n: int) -> None:
     if mask.dtype != torch.bool or mask.shape != (n,):
-        raise ValueError(f"{name} must be a bool tensor of shape ({n},), got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(
+            f"{name} must be a bool tensor of shape ({n},), got {mask.dtype} {tuple(mask.shape)}"
+        )
 
 
 def _check_cutoff(name: str, value: float) -> None:

@@ -122,6 +122,7 @@ class VisionCallResult:
         provenance: ``[item][frame]`` owner maps (original patch → final LLM token of that frame).
         encoder_tokens: ``{block: [item tokens]}`` tokens entering each encoder block.
         features: ``[item]`` the projected features the LLM receives (``units[i]`` rows each).
+        events: The stage decisions taken during this call.
     """
 
     original_units: list[int]
@@ -131,6 +132,7 @@ class VisionCallResult:
     provenance: list[list[torch.Tensor]] = field(default_factory=list)
     encoder_tokens: dict[int, list[int]] = field(default_factory=dict)
     features: list[torch.Tensor] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
 
 
 class VisionSession:
@@ -197,6 +199,11 @@ class VisionSession:
                                 "tokens_out": [it.num_tokens for it in tokens], "info": dict(out.info)})
         self.overhead_s += time.perf_counter() - t0
         return tokens
+
+    def finish_call(self, result: VisionCallResult) -> None:
+        """Queue one tower call's result for the LLM input, with the decisions taken during the call."""
+        result.events, self.events = self.events, []
+        self.pending.append(result)
 
     def take(self) -> list[VisionCallResult]:
         """The results waiting for an LLM input (or the last ones when the tower did not run again)."""

@@ -25,6 +25,24 @@ def _luvc_document(num_layers: int) -> Schedule:
     return Schedule([Stage(SPU(), site="llm", layers=range(num_layers // 2, num_layers))])
 
 
+def _luvc(num_layers: int) -> Schedule:
+    from tokcomp.strategies import OIM, SPU
+
+    return Schedule([
+        Stage(OIM(rate=0.25, iterations=2), site="encoder"),
+        Stage(SPU(), site="llm", layers=range(min(2, num_layers - 1), num_layers)),
+    ])
+
+
+def _luvc_video(num_layers: int) -> Schedule:
+    from tokcomp.strategies import OIM, SPU
+
+    return Schedule([
+        Stage(OIM(rate=0.25, iterations=4), site="encoder"),
+        Stage(SPU(), site="llm", layers=range(min(2, num_layers - 1), num_layers)),
+    ])
+
+
 def _fastv(num_layers: int) -> Schedule:
     from tokcomp.strategies import FastV
 
@@ -38,6 +56,10 @@ def _vtw(num_layers: int) -> Schedule:
 
 
 PRESETS: dict[str, tuple[Callable[[int], Schedule], str]] = {
+    "luvc": (_luvc, "LUVC for images: OIM 2 iterations (width, height; rate 0.25) in the last third of the "
+                    "encoder + SPU cascade from layer 2 (project's starting choice; paper's numbers unreadable)"),
+    "luvc-video": (_luvc_video, "LUVC for video: OIM 4 iterations at rate 0.25 (about 3x fewer tokens) + SPU "
+                                "cascade from layer 2 (project's starting choice)"),
     "spu": (_spu, "SPU linear cascade from layer 2 to zero visual tokens at the last layer (LUVC, LLM side)"),
     "luvc-document": (_luvc_document, "no OIM, SPU cascade from half depth (LUVC: documents/charts/OCR)"),
     "fastv": (_fastv, "FastV K=2, R=50% (the paper's headline setting)"),

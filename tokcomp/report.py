@@ -44,6 +44,11 @@ class Report:
         overhead_s: Wall time spent inside the strategies (their own cost).
         num_prefills: Prefill calls seen by the run (one per ``generate()``).
         text_tokens: ``[sample]`` non-visual, non-padding tokens (never removed by LLM-side stages).
+        encoder_tokens: ``{block: [item]}`` tokens entering each vision-encoder block from the first
+            encoder stage on (items of all tower calls in order: images, then videos).
+        vision_events: Every encoder/projector stage decision (stage, site, layer, tokens in/out per item).
+        emitted_visual: ``[item]`` LLM tokens the vision tower emitted per item (after every vision stage).
+        uncompressed_visual: ``[sample]`` visual tokens the LLM would get without any compression.
     """
 
     num_layers: int
@@ -55,6 +60,10 @@ class Report:
     overhead_s: float = 0.0
     num_prefills: int = 0
     text_tokens: list[int] = field(default_factory=list)
+    encoder_tokens: dict[int, list[int]] = field(default_factory=dict)
+    vision_events: list[dict[str, Any]] = field(default_factory=list)
+    emitted_visual: list[int] = field(default_factory=list)
+    uncompressed_visual: list[int] = field(default_factory=list)
 
     @property
     def batch(self) -> int:
@@ -65,9 +74,15 @@ class Report:
         """Visual tokens entering each LLM layer for one sample."""
         return [row[sample] for row in self.visual_tokens]
 
+    @property
+    def baseline_visual(self) -> list[int]:
+        """``[sample]`` visual tokens without compression (``uncompressed_visual``, else ``original_visual``)."""
+        return self.uncompressed_visual or self.original_visual
+
     def retained_fraction(self) -> float:
-        """Visual tokens processed over all layers and samples, relative to no compression."""
-        total = sum(self.original_visual) * self.num_layers
+        """Visual tokens processed over all LLM layers and samples, relative to no compression at all
+        (encoder-side reductions included)."""
+        total = sum(self.baseline_visual) * self.num_layers
         return sum(sum(r) for r in self.visual_tokens) / total if total else 1.0
 
     def tokens_per_layer(self, sample: int) -> list[int]:
@@ -86,7 +101,7 @@ class Report:
         total = 0
         for b in range(self.batch):
             counts = (
-                [self.text_tokens[b] + self.original_visual[b]] * self.num_layers
+                [self.text_tokens[b] + self.baseline_visual[b]] * self.num_layers
                 if baseline
                 else self.tokens_per_layer(b)
             )
@@ -125,6 +140,13 @@ class Report:
         acted: dict[str, list[StageEvent]] = {}
         for e in self.events:
             acted.setdefault(e.stage, []).append(e)
+        for block, counts in sorted(self.encoder_tokens.items()):
+            console.print(f"encoder block {block}: tokens per item {counts}")
+        if self.emitted_visual:
+            console.print(f"LLM tokens emitted per visual item: {self.emitted_visual}")
+        for ev in self.vision_events:
+            console.print(f"{ev['stage']} at {ev['site']} block {ev['layer']}: tokens per item "
+                          f"{ev['tokens_in']} -> {ev['tokens_out']}")
         for stage, evs in acted.items():
             layers = sorted({e.layer for e in evs})
             console.print(

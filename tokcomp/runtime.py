@@ -141,6 +141,7 @@ class _Prefill:
     initial_keep: torch.Tensor | None = None  # (B, L) slots carrying a real token after encoder stages
     decode_shift: torch.Tensor | None = None  # (B,) position shift of decoding steps (new grids' M-RoPE)
     vision: list[Any] = field(default_factory=list)  # the vision-tower results this prefill consumed
+    uncompressed_visual: list[int] = field(default_factory=list)
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -154,6 +155,14 @@ def _gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     if x.shape[0] == 1 and index.shape[0] > 1:
         x = x.expand(index.shape[0], *x.shape[1:])
     return x.gather(dim, idx.expand(size))
+
+
+def _merge_block_counts(results: list[Any]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for r in results:
+        for block, counts in r.encoder_tokens.items():
+            out.setdefault(block, []).extend(counts)
+    return out
 
 
 def _left_packed(keep: torch.Tensor) -> torch.Tensor:
@@ -287,9 +296,16 @@ class CompressionRun:
             original_visual=[lay.num_visual for lay in st.layouts],
             events=list(st.events),
             stages=[s.label for s in self.stages],
-            overhead_s=st.overhead_s,
+            overhead_s=st.overhead_s + self.vision.overhead_s,
             num_prefills=self.num_prefills,
-            text_tokens=[int(st.valid0[b].sum()) - lay.num_visual for b, lay in enumerate(st.layouts)],
+            text_tokens=[
+                int((st.initial_keep if st.initial_keep is not None else st.valid0)[b].sum()) - lay.num_visual
+                for b, lay in enumerate(st.layouts)
+            ],
+            encoder_tokens=_merge_block_counts(st.vision),
+            vision_events=[e for r in st.vision for e in r.events],
+            emitted_visual=[u for r in st.vision for u in r.units],
+            uncompressed_visual=list(st.uncompressed_visual),
         )
 
     def kept_positions(self, layer: int) -> torch.Tensor:
@@ -347,6 +363,7 @@ class CompressionRun:
         self._state = _Prefill(B, L, valid0, layouts, vis_rank, cache)
         st = self._state
         st.call = call
+        st.uncompressed_visual = [lay.num_visual for lay in layouts]
         st.visual_per_layer = [[lay.num_visual for lay in layouts] for _ in range(self.adapter.num_layers)]
         st.slots_per_layer = [L] * self.adapter.num_layers
         self.num_prefills += 1
@@ -387,7 +404,7 @@ class CompressionRun:
         st = self._state
         assert st is not None
         results = self.vision.take()
-        if not results:
+        if not results or not any(st.uncompressed_visual):
             return
         inp = self.adapter.llm_input(st.call, kwargs, results)
         st.vision = results
