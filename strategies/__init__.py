@@ -15,15 +15,16 @@ from .baselines import RandomPrune
 from .downsample import Downsample
 from .fastv import FastV
 from .oim import OIM
+from .pact import PACT
 from .spu import SPU
 from .tome import ToMe
 from .vtw import VTW
 
-__all__ = ["SPU", "OIM", "ToMe", "Downsample", "FastV", "VTW", "RandomPrune", "tokcomp_register_strategies"]
+__all__ = ["SPU", "OIM", "ToMe", "Downsample", "FastV", "PACT", "VTW", "RandomPrune", "tokcomp_register_strategies"]
 
 
 @hookimpl
 def tokcomp_register_strategies(register: Callable[[type], None]) -> None:
     """Register the built-in strategies."""
-    for cls in (SPU, OIM, ToMe, Downsample, FastV, VTW, RandomPrune):
+    for cls in (SPU, OIM, ToMe, Downsample, FastV, PACT, VTW, RandomPrune):
         register(cls)

@@ -27,12 +27,18 @@ Deliberate deviations from the reference implementation (orailix/PACT), all of t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokcomp.contracts import LLMDecision, LLMStrategy, LLMView, check_keep_ratio
+from tokcomp.errors import ScheduleError
+
 __all__ = [
+    "PACT",
     "cosine_distances",
     "dbdpc",
     "euti_keep_count",
@@ -425,3 +431,97 @@ def merge_clusters(
 
     # sizes >= 1 for every centre, since each centre is its own member (checked above).
     return (sums / sizes[:, None]).to(hidden.dtype), sizes
+
+
+@dataclass
+class PACT(LLMStrategy):
+    """PACT (Dhouib et al., CVPR 2025): EUTI importance pruning, then DBDPC clustering, inside the LLM.
+
+    At the input of its layer (default 4): EUTI scores every visual token from that layer's own pre-RoPE
+    q/k and the hidden-state norm and keeps ``keep_ratio`` of them; DBDPC clusters the kept tokens on their
+    post-RoPE keys; pruned tokens within ``alpha * cutoff`` of a centre join its cluster; each cluster
+    becomes one token (plain mean, at the centre's slot and position) whose size enters the following
+    layers' attention as ``log size`` (proportional attention), in prefill and in cached decoding.
+
+    Deliberate differences from the reference code are listed in the docs (strategies page): scores and
+    distances in float32, deterministic tie order, batches handled per sample, no attention matrix.
+
+    Args:
+        keep_ratio: EUTI's λ, the fraction of visual tokens kept before clustering.
+        cutoff: DBDPC's cutoff ``d_c`` (cosine distance); 0 disables clustering of distinct tokens.
+        alpha: Retrieval radius factor for pruned tokens (``alpha * cutoff``).
+        density_dc: The density kernel's fixed width (the reference uses 2).
+        retrieve: Merge pruned tokens into nearby clusters (the reference's default).
+        proportional_attention: Add ``log size`` for merged tokens in the following layers.
+    """
+
+    name: ClassVar[str] = "pact"
+    needs_projections: ClassVar[bool] = True
+    keep_ratio: float = 0.55
+    cutoff: float = 0.21
+    alpha: float = 1.5
+    density_dc: float = 2.0
+    retrieve: bool = True
+    proportional_attention: bool = True
+
+    def check(self) -> None:
+        """Parameter ranges."""
+        check_keep_ratio("pact", self.keep_ratio)
+        if not (self.cutoff >= 0 and math.isfinite(self.cutoff)):
+            raise ScheduleError(f"pact: cutoff must be a finite cosine distance >= 0, got {self.cutoff}")
+        if not self.alpha >= 0:
+            raise ScheduleError(f"pact: alpha must be >= 0, got {self.alpha}")
+        if not self.density_dc > 0:
+            raise ScheduleError(f"pact: density_dc must be > 0, got {self.density_dc}")
+
+    def default_layers(self, num_layers: int) -> list[int]:
+        """Layer 4, the reference's default (the last layer of a shallower LLM)."""
+        return [min(4, num_layers - 1)]
+
+    def validate(self, stage: Any, adapter: Any) -> None:
+        """One layer; proportional attention needs a backend that takes an additive bias."""
+        if stage.layers is not None and len(set(stage.layers)) != 1:
+            raise ScheduleError(f"pact reduces once: give one layer, got {list(stage.layers)}")
+        if self.proportional_attention and adapter.attn_implementation.startswith("flash"):
+            raise ScheduleError(
+                "pact: proportional attention needs an additive attention bias, which flash attention cannot "
+                "take; set proportional_attention=False or load the model with attn_implementation='sdpa'"
+            )
+
+    def select(self, view: LLMView) -> LLMDecision:
+        """EUTI, DBDPC, retrieval and merge for one sample."""
+        p = view.projections()
+        n = view.num_present
+        visual = p.visual
+        scores = euti_scores(p.q, p.k, p.hidden, non_text_mask(visual), visual)
+        kept = euti_select(scores, euti_keep_count(n, self.keep_ratio))
+        keys = p.k_rope[:, visual].permute(1, 0, 2).reshape(n, -1)  # all KV heads concatenated
+        pruned = torch.ones(n, dtype=torch.bool, device=keys.device)
+        pruned[kept] = False
+        pruned_idx = pruned.nonzero().squeeze(1)
+        centres, labels = dbdpc(keys[kept], self.cutoff, self.density_dc)
+        plabels = None
+        if self.retrieve and pruned_idx.numel() and centres.numel():
+            plabels = retrieve_pruned(keys[pruned_idx], keys[kept][centres], centres, self.cutoff, self.alpha)
+        hidden = view.hidden
+        merged, counts = merge_clusters(
+            hidden[kept], labels, centres,
+            hidden[pruned_idx] if plabels is not None else None, plabels,
+        )
+        # sizes add the members' own sizes (1 unless an earlier stage merged them)
+        sizes = torch.zeros(centres.numel(), device=hidden.device)
+        slot = torch.full((n,), -1, dtype=torch.long, device=hidden.device)
+        slot[kept[centres]] = torch.arange(centres.numel(), device=hidden.device)
+        sizes.index_add_(0, slot[kept[labels]], view.sizes[kept].float())
+        if plabels is not None:
+            ok = plabels >= 0
+            sizes.index_add_(0, slot[kept[plabels[ok]]], view.sizes[pruned_idx[ok]].float())
+        info = {"euti_kept": int(kept.numel()), "clusters": int(centres.numel()),
+                "retrieved": int((plabels >= 0).sum()) if plabels is not None else 0}
+        del counts
+        return LLMDecision(
+            keep=kept[centres],
+            hidden=merged,
+            sizes=sizes if self.proportional_attention else None,
+            info=info,
+        )

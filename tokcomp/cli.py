@@ -24,6 +24,7 @@ class DemoResult:
         agreement: Fraction of generated tokens equal to the uncompressed model's, position by position.
         tokens_uncompressed: Greedy tokens of the uncompressed model, per sample.
         tokens_compressed: Greedy tokens under the schedule, per sample.
+        text_tokens: ``[sample]`` non-visual tokens (for recomputing the FLOPs from the counts).
     """
 
     arch: str
@@ -34,6 +35,7 @@ class DemoResult:
     agreement: float
     tokens_uncompressed: list[list[int]]
     tokens_compressed: list[list[int]]
+    text_tokens: list[int]
 
 
 def run_demo(
@@ -71,6 +73,7 @@ def run_demo(
         agreement=float((ref == out).float().mean()),
         tokens_uncompressed=ref.tolist(),
         tokens_compressed=out.tolist(),
+        text_tokens=rep.text_tokens,
     )
 
 
@@ -79,6 +82,8 @@ def _print_demo(res: DemoResult) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)
     console.print(f"[bold]tokcomp demo[/bold]: tiny {res.arch} (random weights), preset {res.schedule!r}")
     t = Table(title="visual tokens entering each LLM layer (sample 0, sample 1, ...)")
     t.add_column("layer", justify="right")

@@ -49,6 +49,15 @@ def _fastv(num_layers: int) -> Schedule:
     return Schedule([Stage(FastV(keep_ratio=0.5), site="llm", layers=[min(2, num_layers - 1)])])
 
 
+def _pact(cutoff: float, keep: float) -> Callable[[int], Schedule]:
+    def build(num_layers: int) -> Schedule:
+        from tokcomp.strategies import PACT
+
+        return Schedule([Stage(PACT(keep_ratio=keep, cutoff=cutoff), site="llm", layers=[min(4, num_layers - 1)])])
+
+    return build
+
+
 def _vtw(num_layers: int) -> Schedule:
     from tokcomp.strategies import VTW
 
@@ -63,6 +72,10 @@ PRESETS: dict[str, tuple[Callable[[int], Schedule], str]] = {
     "spu": (_spu, "SPU linear cascade from layer 2 to zero visual tokens at the last layer (LUVC, LLM side)"),
     "luvc-document": (_luvc_document, "no OIM, SPU cascade from half depth (LUVC: documents/charts/OCR)"),
     "fastv": (_fastv, "FastV K=2, R=50% (the paper's headline setting)"),
+    "pact": (_pact(0.21, 0.55), "PACT at layer 4 with the reference's LLaVA-OneVision-7B defaults "
+                                "(cutoff 0.21, keep 0.55; scripts/*.sh of orailix/PACT)"),
+    "pact-qwen2-vl": (_pact(0.10, 0.80), "PACT at layer 4 with the reference's Qwen2-VL-7B defaults "
+                                         "(cutoff 0.10, keep 0.80)"),
     "vtw": (_vtw, "VTW at half depth (reference K=15/16 of 32 layers); use vtw.search_k for a model"),
 }
 
