@@ -5,9 +5,10 @@ Where things are in this model (transformers 5.x):
 * LLM decoder layers: ``model.model.language_model.layers[i]`` (a ``LlamaModel``, 1-D RoPE); one
   ``(cos, sin)`` pair of shape ``(B, L, head_dim)`` computed before the layers and handed to every layer,
   plus ``position_ids (B, L)``.
-* Vision tower: ``model.model.vision_tower`` (``CLIPVisionModel``), blocks ``.vision_model.encoder.layers[i]``;
-  one ``(1 + S/p * S/p)``-token sequence per image (CLS first). Projector: ``model.model.multi_modal_projector``
-  (per token, Linear-GELU-Linear), so any grid side works (``grid_multiple = 1``).
+* Vision tower: ``model.model.vision_tower`` (``CLIPVisionModel``), blocks ``.encoder.layers[i]``; one
+  ``(1 + S/p * S/p)``-token sequence per image (CLS first); features from ``vision_feature_layer`` (-2).
+  Projector: ``model.model.multi_modal_projector`` (per token, Linear-GELU-Linear), so any grid side works
+  (``grid_multiple = 1``).
 * Visual tokens in the prompt: ``<image>`` (``config.image_token_id``) runs; each image is ``(S/p)**2``
   tokens (24 x 24 = 576 for 336 px / 14 px) in raster order, because the ``"default"`` feature strategy
   drops CLS. Images of one sample may be adjacent (one run), so runs are cut into per-image chunks.
@@ -90,7 +91,7 @@ class LlavaAdapter(Adapter):
                             f"(+ an optional CLS token) in a run of {run.numel()} <image> tokens"
                         )
                     items.append(VisualItem("image", (1, h, w), len(items) * grid_tokens, grid_tokens))
-                    positions.append(run[offset + cls: offset + n])
+                    positions.append(run[offset + cls : offset + n])
                     offset += n
             pos = torch.cat(positions) if positions else ids.new_zeros(0)
             out.append(SampleLayout.from_items(pos, items))
@@ -100,7 +101,9 @@ class LlavaAdapter(Adapter):
 
     def _keeps_cls(self, call: dict[str, Any]) -> bool:
         """Whether the LLM receives the tower's CLS token: ``"full"`` strategy and a tower that has one."""
-        strategy = call.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+        strategy = (
+            call.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+        )
         if strategy != "full":
             return False
         return any(hasattr(m, "class_embedding") for m in self.model.model.vision_tower.modules())

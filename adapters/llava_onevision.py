@@ -5,7 +5,7 @@ Where things are in this model (transformers 5.x):
 * LLM decoder layers: ``model.model.language_model.layers[i]`` (a ``Qwen2Model``, 1-D RoPE); one
   ``(cos, sin)`` pair of shape ``(B, L, head_dim)`` computed before the layers and handed to every layer,
   plus ``position_ids (B, L)``.
-* Vision tower: ``model.model.vision_tower`` (``SiglipVisionModel``), blocks ``.vision_model.encoder.layers[i]``;
+* Vision tower: ``model.model.vision_tower`` (``SiglipVisionModel``), blocks ``.encoder.layers[i]``;
   ``(S/p)**2`` tokens per tile, no CLS (27 x 27 = 729 for 384 px / 14 px). Projector:
   ``model.model.multi_modal_projector`` (per token). Then ``model.model.pack_image_features`` builds the 2-D
   layout below and appends ``model.model.image_newline`` (one learned ``(D,)`` vector).
@@ -132,7 +132,8 @@ class LlavaOnevisionAdapter(Adapter):
                         if offset + part.num_tokens > run.numel():
                             raise RuntimeStateError(
                                 f"sample {b}: a <{kind}> run of {run.numel()} tokens is shorter than its "
-                                f"{kind}s' packed features; image_sizes/batch_num_images do not match input_ids"
+                                f"{kind}s' packed features; image_sizes/batch_num_images do not match "
+                                "input_ids"
                             )
                         count = part.grid[0] * part.grid[1] * part.grid[2]
                         positions.append(run[offset + part.visual_offsets()])
@@ -176,7 +177,9 @@ class LlavaOnevisionAdapter(Adapter):
             if not patch:
                 out.append([_Part("image", (1, h0, w0), tail_newline=True)])
                 continue
-            rows, cols = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            rows, cols = get_anyres_image_grid_shape(
+                size, cfg.image_grid_pinpoints, cfg.vision_config.image_size
+            )
             _, h, w = unpad_image(torch.empty(0, rows * h0, cols * w0), size).shape
             ratio = math.sqrt(h * w / (max_tiles * h0**2))
             if ratio > 1.1:
@@ -196,12 +199,16 @@ class LlavaOnevisionAdapter(Adapter):
         if is_nl.numel() >= 1:
             w = int(is_nl[0])
             h = is_nl.numel()
-            if w > 0 and h * (w + 1) == rest and torch.equal(is_nl, torch.arange(h, device=is_nl.device) * (w + 1) + w):
+            if (
+                w > 0
+                and h * (w + 1) == rest
+                and torch.equal(is_nl, torch.arange(h, device=is_nl.device) * (w + 1) + w)
+            ):
                 return [_Part("image", (1, h0, w0)), _Part("image", (1, h, w), row_newline=True)]
         raise RuntimeStateError(
             f"cannot read the AnyRes layout of an image with {feats.shape[0]} packed features: expected a "
-            f"{h0}x{w0} base tile, then rows ending in image_newline. Pass image_sizes and pixel_values instead "
-            "of precomputed features."
+            f"{h0}x{w0} base tile, then rows ending in image_newline. Pass image_sizes and pixel_values "
+            "instead of precomputed features."
         )
 
     # -- videos ------------------------------------------------------------------------------------------

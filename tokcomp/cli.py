@@ -85,7 +85,7 @@ def _print_demo(res: DemoResult) -> None:
     if not console.is_terminal:
         console = Console(width=120)
     console.print(f"[bold]tokcomp demo[/bold]: tiny {res.arch} (random weights), preset {res.schedule!r}")
-    t = Table(title="visual tokens entering each LLM layer (sample 0, sample 1, ...)")
+    t = Table(title="visual tokens entering each LLM layer (sample 0, sample 1, ...)", min_width=70)
     t.add_column("layer", justify="right")
     t.add_column("uncompressed", justify="right")
     t.add_column(res.schedule, justify="right")
