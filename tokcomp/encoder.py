@@ -195,8 +195,13 @@ class VisionSession:
                             f"{multiple}"
                         )
             tokens = out.items
-            self.events.append({"stage": stage.label, "site": site, "layer": layer, "tokens_in": before,
-                                "tokens_out": [it.num_tokens for it in tokens], "info": dict(out.info)})
+            self.events.append({
+                "stage": stage.label, "site": site, "layer": layer, "tokens_in": before,
+                "tokens_out": [it.num_tokens for it in tokens], "info": dict(out.info),
+                # provenance after this stage: per item, per frame, original patch -> current token
+                "provenance": [[fr.owner.detach().cpu() for fr in it.frames] for it in tokens],
+                "grids": [it.grid for it in tokens],
+            })
         self.overhead_s += time.perf_counter() - t0
         return tokens
 

@@ -114,8 +114,9 @@ class Report:
         return self.llm_flops(shape) / base if base else 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
+        """A JSON-ready dict (provenance tensors are left out; see ``vision_events`` in Python)."""
         d = asdict(self)
+        d["vision_events"] = [{k: v for k, v in e.items() if k != "provenance"} for e in self.vision_events]
         d["retained_fraction"] = self.retained_fraction()
         return d
 
