@@ -284,20 +284,10 @@ def test_drop_equals_mask(strategy, adapter, arch, site, attn):
         torch.testing.assert_close(dropped[b, slots], masked[b, final[b][slots]], atol=ATOL, rtol=RTOL)
 
 
-# A direct model(**batch) call of a 1-D RoPE model lets the model build position_ids (1, L), so cos/sin
-# reach the layers with batch 1. tokcomp.runtime._gather computes its target size before broadcasting a
-# batch-1 source, so any removal fails there (generate() passes (B, L) position ids and is unaffected).
-_GATHER_BATCH1 = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="core: runtime._gather must expand a batch-1 source before sizing the gather (reported to lead)",
-)
-
-
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize(
     "arch",
-    [pytest.param(a, id=a, marks=() if a.startswith("qwen") else (_GATHER_BATCH1,)) for a in TINY_CLASSES],
+    [pytest.param(a, id=a) for a in TINY_CLASSES],
 )
 def test_direct_forward_drop_equals_mask(arch, attn):
     """model(**batch) without position ids: the model computes its own positions in both runs."""
@@ -477,6 +467,56 @@ def test_llava_onevision_layouts_and_newlines():
         assert bool(torch.isin(nl, final[b]).all())
         assert not bool(torch.isin(lay.positions, final[b]).any())
     assert run.report().visual_tokens[3] == [0, 0, 0, 0]
+
+
+def test_llava_onevision_mixed_batch_equals_samples():
+    """Multi-image, AnyRes, video and text-only samples in one padded batch, through generate()."""
+    arch = "llava_onevision"
+    model = cached_model(arch)
+    img = testing.make_image
+    frames = [img(112, 84, seed=s) for s in range(3)]
+    samples = [
+        [img(224, 168, seed=1), img(60, 90, seed=2)],
+        [img(300, 80, seed=3)],
+        [],
+        [img(140, 196, seed=4)],
+    ]
+    batch = testing.tiny_inputs(arch, samples, videos=[[], [], frames, []])
+    with torch.no_grad(), tc.compress(model, [_stage("spu", "llm")]) as run:
+        out = model.generate(**batch, **GEN)
+        rep = run.report()
+        singles = [model.generate(**testing.batch_item(batch, i), **GEN) for i in range(len(samples))]
+    assert rep.original_visual == [32, 64, 12, 64] and rep.visual_tokens[-1] == [0, 0, 0, 0]
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(out.logits[0][i], single.logits[0][0], atol=ATOL, rtol=RTOL)
+
+
+def test_llava_full_feature_strategy_keeps_cls_as_text():
+    """With vision_feature_select_strategy="full" the LLM gets CLS + grid per image; CLS is not visual."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = testing.tiny_config("llava")
+    config.vision_feature_select_strategy = "full"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(config).eval()
+    processor = testing.tiny_processor("llava")
+    processor.vision_feature_select_strategy = "full"
+    img = testing.make_image
+    images = [img(64, 64), img(80, 60, seed=2), img(50, 70, seed=3)]
+    batch = processor(
+        text=["w0 <image> w3 w4", "w1 <image><image> w5"], images=images, padding=True, return_tensors="pt"
+    )
+    ids = batch["input_ids"]
+    assert ((ids == 4).sum(1) == torch.tensor([17, 34])).all()
+    layouts = tc.find_adapter(model).layouts(dict(batch))
+    _same_layouts(layouts, _layouts_in_generate(model, batch))
+    for b, lay in enumerate(layouts):
+        run_starts = [p for p in (ids[b] == 4).nonzero().squeeze(1).tolist() if p == 0 or ids[b, p - 1] != 4]
+        cls = [run_starts[0] + 17 * k for k in range(len(lay.items))]  # each image: CLS, then 16 grid tokens
+        assert [i.grid for i in lay.items] == [(1, 4, 4)] * len(cls)
+        assert not bool(torch.isin(torch.tensor(cls), lay.positions).any())
+        assert lay.num_visual == int((ids[b] == 4).sum()) - len(cls)
 
 
 def test_internvl_tiles():

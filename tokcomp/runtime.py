@@ -146,14 +146,14 @@ class _Prefill:
 
 def _gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """``x`` restricted along ``dim`` to ``index`` (B, S'), per batch row (dead slots, -1, read slot 0)."""
+    if x.shape[0] == 1 and index.shape[0] > 1:  # e.g. cos/sin shared by a batch called without positions
+        x = x.expand(index.shape[0], *x.shape[1:])
     idx = index.clamp(min=0)
     shape = [1] * x.dim()
     shape[0], shape[dim] = idx.shape[0], idx.shape[1]
     idx = idx.view(shape)
     size = list(x.shape)
     size[dim] = index.shape[1]
-    if x.shape[0] == 1 and index.shape[0] > 1:
-        x = x.expand(index.shape[0], *x.shape[1:])
     return x.gather(dim, idx.expand(size))
 
 
@@ -490,9 +490,13 @@ class CompressionRun:
 
     def _prefill_mask(
         self, index: torch.Tensor, valid: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         S = index.shape[1]
         impl = self.adapter.attn_implementation
+        if bias is None and impl != "eager" and bool(valid.all()):
+            # Slots keep their original order, so causality over slots is causality over positions: with
+            # nothing to hide, SDPA/FlashAttention can take their fused causal path.
+            return None
         if impl.startswith("flash"):
             if bias is not None:
                 raise RuntimeStateError(
