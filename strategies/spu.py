@@ -86,18 +86,16 @@ def spu_scores(
         ``(n,)`` float32 scores, finite.
     """
     n = x.shape[0]
-    xf = x.float()
     if n == 0:
         return torch.zeros(0, device=x.device)
     if groups is None:
         groups = torch.zeros(n, dtype=torch.long, device=x.device)
+    if axis == "tokens":
+        return _token_axis_scores(x, cutoff, score, groups)
+    xf = x.float()
     xh = torch.empty_like(xf)
     if axis == "hidden":
         xh = lowpass(xf, cutoff, dim=1)
-    elif axis == "tokens":
-        for g in torch.unique(groups):
-            sel = (groups == g).nonzero().squeeze(1)
-            xh[sel] = lowpass(xf[sel], cutoff, dim=0)
     elif axis == "grid":
         if coords is None:
             raise ValueError("axis='grid' needs coords")
@@ -120,6 +118,31 @@ def spu_scores(
     if score == "residual":
         return -(xf - xh).pow(2).sum(1)
     raise ValueError(f"unknown score {score!r}")
+
+
+def _token_axis_scores(x: torch.Tensor, cutoff: float, score: str, groups: torch.Tensor) -> torch.Tensor:
+    # Channels-first (D, n) makes the FFT run along contiguous memory and the per-token energies reduce
+    # over rows: about twice as fast as filtering (n, D) along dim 0 on CPU.
+    xt = x.float().T.contiguous()
+    out = torch.empty(x.shape[0], device=x.device)
+    bounds = torch.searchsorted(groups, torch.unique_consecutive(groups)).tolist() + [x.shape[0]]
+    if not bool((groups[1:] >= groups[:-1]).all()):
+        raise ValueError("groups must be sorted (tokens of one item contiguous, in raster order)")
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        seg = xt[:, a:b]
+        n = b - a
+        spec = torch.fft.rfft(seg, dim=1)
+        spec *= hamming_lowpass(spec.shape[1], n, cutoff, device=x.device)
+        low = torch.fft.irfft(spec, n=n, dim=1)
+        if score == "lowpass_share":
+            energy = torch.linalg.vector_norm(seg, dim=0).square()
+            share = torch.linalg.vector_norm(low, dim=0).square() / energy.clamp(min=1e-12)
+            out[a:b] = torch.where(energy > 0, share, torch.ones_like(share))
+        elif score == "residual":
+            out[a:b] = -torch.linalg.vector_norm(seg - low, dim=0).square()
+        else:
+            raise ValueError(f"unknown score {score!r}")
+    return out
 
 
 def _radial_window(h: int, w: int, cutoff: float, device: torch.device) -> torch.Tensor:

@@ -107,3 +107,22 @@ def test_random_keep_seeded_and_valid(n, k, seed):
     assert torch.equal(a, random_keep(n, k, seed))
     assert a.numel() == min(k, n)
     assert (a[1:] > a[:-1]).all() and (a < max(n, 1)).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens(max_n=30), st.floats(0.05, 1.0), st.sampled_from(["lowpass_share", "residual"]))
+def test_token_axis_scores_equal_filtering_each_item(data, cutoff, score):
+    """The fast channels-first path against the plain definition: filter each item along tokens."""
+    x, groups = data
+    s = spu_scores(x, cutoff, score=score, groups=groups)
+    xf = x.float()
+    want = torch.empty(x.shape[0])
+    for g in torch.unique(groups):
+        sel = groups == g
+        low = lowpass(xf[sel], cutoff, dim=0)
+        if score == "lowpass_share":
+            e = (xf[sel] ** 2).sum(1)
+            want[sel] = torch.where(e > 0, (low**2).sum(1) / e.clamp(min=1e-12), torch.ones_like(e))
+        else:
+            want[sel] = -((xf[sel] - low) ** 2).sum(1)
+    torch.testing.assert_close(s, want, atol=1e-4, rtol=1e-3)

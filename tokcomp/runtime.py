@@ -142,6 +142,7 @@ class _Prefill:
     decode_shift: torch.Tensor | None = None  # (B,) position shift of decoding steps (new grids' M-RoPE)
     vision: list[Any] = field(default_factory=list)  # the vision-tower results this prefill consumed
     uncompressed_visual: list[int] = field(default_factory=list)
+    mask_cache: tuple[Any, ...] | None = None  # (index, sizes, valid, bias, mask) of the last built mask
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -149,6 +150,8 @@ def _gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     if x.shape[0] == 1 and index.shape[0] > 1:  # e.g. cos/sin shared by a batch called without positions
         x = x.expand(index.shape[0], *x.shape[1:])
     idx = index.clamp(min=0)
+    if dim == 1:  # advanced indexing copies rows; gather would first build an index as large as the output
+        return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
     shape = [1] * x.dim()
     shape[0], shape[dim] = idx.shape[0], idx.shape[1]
     idx = idx.view(shape)
@@ -476,9 +479,15 @@ class CompressionRun:
         kwargs["position_embeddings"] = (_gather(cos, index, 1), _gather(sin, index, 1))
         if st.position_ids is not None:
             kwargs["position_ids"] = _gather(st.position_ids, index, st.position_ids.dim() - 1)
-        valid = (index >= 0) & st.valid0.gather(1, index.clamp(min=0))
-        bias = None if st.sizes is None else st.sizes.clamp(min=1e-6).log()
-        kwargs["attention_mask"] = self._prefill_mask(index, valid, bias, hs.dtype)
+        cached = st.mask_cache
+        if cached is not None and cached[0] is index and cached[1] is st.sizes:
+            valid, bias, mask = cached[2], cached[3], cached[4]  # no stage since: same slots, same mask
+        else:
+            valid = (index >= 0) & st.valid0.gather(1, index.clamp(min=0))
+            bias = None if st.sizes is None else st.sizes.clamp(min=1e-6).log()
+            mask = self._prefill_mask(index, valid, bias, hs.dtype)
+            st.mask_cache = (index, st.sizes, valid, bias, mask)
+        kwargs["attention_mask"] = mask
         st.records[i] = _LayerRecord(valid, bias)
         st.index_per_layer[i] = index
         st.slots_per_layer[i] = index.shape[1]
