@@ -528,7 +528,7 @@ class _QwenVision:
                 result.grids.append(it.grid)
                 result.anchors.append(None)
             else:
-                t0, h0, w0 = it.original
+                _t0, h0, w0 = it.original
                 result.grids.append(it.original)
                 anchors = []
                 for f, fr in enumerate(it.frames):

@@ -20,7 +20,7 @@ from .spu import SPU
 from .tome import ToMe
 from .vtw import VTW
 
-__all__ = ["SPU", "OIM", "ToMe", "Downsample", "FastV", "PACT", "VTW", "RandomPrune", "tokcomp_register_strategies"]
+__all__ = ["OIM", "PACT", "SPU", "VTW", "Downsample", "FastV", "RandomPrune", "ToMe", "tokcomp_register_strategies"]
 
 
 @hookimpl

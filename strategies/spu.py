@@ -11,6 +11,7 @@ The pure functions (`hamming_lowpass`, `lowpass`, `spu_scores`, `cascade_keep`) 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from tokcomp.contracts import LLMDecision, LLMStrategy, LLMView, check_keep_ratio
 from tokcomp.errors import ScheduleError
 
-__all__ = ["SPU", "hamming_lowpass", "lowpass", "spu_scores", "cascade_keep", "cutoff_at"]
+__all__ = ["SPU", "cascade_keep", "cutoff_at", "hamming_lowpass", "lowpass", "spu_scores"]
 
 
 def hamming_lowpass(num_freqs: int, length: int, cutoff: float, device: torch.device | None = None) -> torch.Tensor:
@@ -128,7 +129,7 @@ def _token_axis_scores(x: torch.Tensor, cutoff: float, score: str, groups: torch
     bounds = torch.searchsorted(groups, torch.unique_consecutive(groups)).tolist() + [x.shape[0]]
     if not bool((groups[1:] >= groups[:-1]).all()):
         raise ValueError("groups must be sorted (tokens of one item contiguous, in raster order)")
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         seg = xt[:, a:b]
         n = b - a
         spec = torch.fft.rfft(seg, dim=1)
@@ -237,7 +238,7 @@ class SPU(LLMStrategy):
             raise ScheduleError(f"spu: start={self.start} but the LLM has only {num_layers} layers")
         return list(range(self.start, num_layers))
 
-    def validate(self, stage, adapter) -> None:  # noqa: ANN001 - see Strategy.validate
+    def validate(self, stage, adapter) -> None:
         """Steps must name layers of the stage."""
         layers = stage.layers if stage.layers is not None else self.default_layers(adapter.num_layers)
         for layer, _ in self.steps or ():

@@ -33,8 +33,8 @@ from tokcomp.errors import ScheduleError
 from tokcomp.tokens import FrameGrid, VisualItemTokens, VisualTokens
 
 __all__ = [
-    "ToMe",
     "MergeFn",
+    "ToMe",
     "bipartite_soft_matching",
     "merge_source",
     "merge_wavg",

@@ -16,7 +16,7 @@ import torch
 from tokcomp.contracts import LLMDecision, LLMStrategy, LLMView
 from tokcomp.errors import ScheduleError
 
-__all__ = ["VTW", "VTWSearch", "search_k", "kl_withdrawn_vs_full"]
+__all__ = ["VTW", "VTWSearch", "kl_withdrawn_vs_full", "search_k"]
 
 
 @dataclass
@@ -29,7 +29,7 @@ class VTW(LLMStrategy):
         """Half depth (the reference's K = 15/16 of 32 layers); run `search_k` to choose K for a model."""
         return [num_layers // 2]
 
-    def validate(self, stage, adapter) -> None:  # noqa: ANN001 - see Strategy.validate
+    def validate(self, stage, adapter) -> None:
         """One layer only: after it there is nothing left to withdraw."""
         if stage.layers is not None and len(set(stage.layers)) != 1:
             raise ScheduleError(f"vtw withdraws every visual token once: give one layer, got {list(stage.layers)}")

@@ -371,7 +371,8 @@ def test_layout_same_in_forward_and_generate(arch):
 @pytest.mark.parametrize("arch", ADAPTER_ARCHS)
 def test_attention_parts_reproduce_eager_attention(arch):
     """The runtime scores tokens from ``attention_parts``; they must be the layer's own q/k."""
-    model = cached_model(arch, "eager")
+    # a fresh model: output_attentions=True makes transformers install recording hooks that stay on it
+    model = testing.tiny_model(arch, attn_implementation="eager")
     adapter = tc.find_adapter(model)
     batch = _batch(arch)
     layer = 1

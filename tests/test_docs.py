@@ -175,6 +175,16 @@ def test_pages_name_existing_tests() -> None:
     assert not missing, "pages cite tests that do not exist (renamed?):\n  " + "\n  ".join(missing)
 
 
+def test_home_page_has_the_readme_setup_commands() -> None:
+    """The setup commands on the home page are the README's, letter for letter."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = [line for line in readme.splitlines() if line.startswith("pip install")]
+    assert commands, "the README has no 'pip install' command line"
+    home = (DOCS / "index.md").read_text(encoding="utf-8").splitlines()
+    missing = [c for c in commands if c not in home]
+    assert not missing, f"docs/index.md lacks the README's setup commands: {missing}"
+
+
 _SECTION = re.compile(r"^#{2,3} `(?P<name>[\w-]+)`.*\{#(?P<anchor>[\w-]+)\}\s*$", re.MULTILINE)
 _PARAM_ROW = re.compile(r"^\| `(?P<name>\w+)` \| `(?P<default>[^`]*)` \|", re.MULTILINE)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import all_hooks, cached_model
+from tokcomp.strategies import OIM, SPU, Downsample, ToMe
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokcomp as tc
 from tokcomp import testing
-from tokcomp.strategies import OIM, SPU, Downsample, ToMe
 
 ARCHS = ["qwen2_vl", "qwen2_5_vl"]
 
@@ -63,7 +63,7 @@ def _shrunk(model, inputs, results):
         nid[b, L - len(r):] = torch.tensor(r)
         am[b, L - len(r):] = 1
     mm = (nid == cfg.image_token_id).int() + 2 * (nid == cfg.video_token_id).int()
-    out = dict(input_ids=nid, attention_mask=am, mm_token_type_ids=mm, mm_encoder_outputs={})
+    out = {"input_ids": nid, "attention_mask": am, "mm_token_type_ids": mm, "mm_encoder_outputs": {}}
     if feats[1]:
         out["image_grid_thw"] = torch.tensor(grids[1])
         out["mm_encoder_outputs"]["image"] = BaseModelOutputWithPooling(pooler_output=tuple(feats[1]))
@@ -126,7 +126,7 @@ def test_llm_input_follows_the_encoder(arch, stage):
     the new grids (positions, masks and decoding computed by the model itself)."""
     model = cached_model(arch)
     inputs = testing.tiny_inputs(arch, _samples())
-    gen = dict(max_new_tokens=4, do_sample=False)
+    gen = {"max_new_tokens": 4, "do_sample": False}
     with torch.no_grad(), tc.compress(model, [stage()]) as run:
         out = model(**inputs).logits[:, -1]
         results = run._state.vision
@@ -146,7 +146,7 @@ def test_llm_input_follows_the_encoder(arch, stage):
 def test_luvc_batch_with_video_through_generate(arch):
     model = cached_model(arch)
     batch = _video_batch(arch)
-    gen = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    gen = {"max_new_tokens": 4, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
     L = batch["input_ids"].shape[1]
     with torch.no_grad(), tc.compress(model, tc.Schedule.preset("luvc-video")) as run:
         out = model.generate(**batch, **gen)
@@ -196,7 +196,7 @@ def test_proportional_attention_changes_the_encoder_and_is_restored():
     outs = {}
     for prop in (True, False):
         with torch.no_grad(), tc.compress(model, [tc.Stage(OIM(rate=0.5, proportional_attention=prop),
-                                                           site="encoder", layers=[1])]) as run:
+                                                           site="encoder", layers=[1])]):
             outs[prop] = model(**inputs).logits[:, -1]
             if prop:
                 assert model.model.visual.config._attn_implementation.startswith("tokcomp_")

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import cached_model
 from test_runtime_llm import _images, _mask_oracle
+from tokcomp.strategies import PACT
+from tokcomp.strategies.pact import euti_scores, non_text_mask
 
 import tokcomp as tc
 from tokcomp import testing
-from tokcomp.strategies import PACT
-from tokcomp.strategies.pact import euti_scores, non_text_mask
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -87,7 +87,7 @@ def test_merged_tokens_decode_with_their_bias(attn):
     """Cached decoding (the log-size bias extended step by step) == recomputing the merged prefill."""
     model = cached_model("qwen2_vl", attn)
     batch = testing.tiny_inputs("qwen2_vl", _images())
-    gen = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    gen = {"max_new_tokens": 4, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
     with torch.no_grad(), tc.compress(model, tc.Schedule.preset("pact-qwen2-vl")) as run:
         cached = model.generate(**batch, **gen)
         fresh = model.generate(**batch, **gen, use_cache=False)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from tokcomp.strategies.baselines import random_keep
 from tokcomp.strategies.fastv import fastv_keep
 from tokcomp.strategies.spu import cascade_keep, hamming_lowpass, lowpass, spu_scores
@@ -79,7 +79,7 @@ def test_cascade_is_monotone_and_reaches_zero(n0, first, length, schedule):
     counts = [cascade_keep(n0, t, first, last, schedule) for t in range(first, last + 1)]
     assert counts[-1] == 0
     assert all(0 <= c <= n0 for c in counts)
-    assert all(a >= b for a, b in zip(counts, counts[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(counts))
     if schedule == "linear" and length:
         assert counts[0] == math.ceil(n0 * length / (length + 1))
 

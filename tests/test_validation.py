@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import all_hooks, cached_model
+from tokcomp.strategies import SPU, VTW, FastV, RandomPrune
 
 import tokcomp as tc
-from tokcomp.strategies import SPU, VTW, FastV, RandomPrune
 
 
 def _fails(model, schedule, *needles):
@@ -96,10 +96,9 @@ def test_schedule_round_trips_through_dict(qwen, tmp_path):
 
 
 def test_nesting_is_refused(qwen):
-    with tc.compress(qwen, tc.Schedule.preset("spu")):
-        with pytest.raises(tc.RuntimeStateError, match="already inside"):
-            with tc.compress(qwen, tc.Schedule.preset("fastv")):
-                pass
+    with tc.compress(qwen, tc.Schedule.preset("spu")), pytest.raises(tc.RuntimeStateError, match="already inside"):
+        with tc.compress(qwen, tc.Schedule.preset("fastv")):
+            pass
     assert all_hooks(qwen) == []
 
 
@@ -107,7 +106,6 @@ def test_static_cache_is_refused_clearly(qwen):
     from tokcomp import testing
 
     inputs = testing.tiny_inputs("qwen2_vl")
-    with tc.compress(qwen, tc.Schedule.preset("spu")):
-        with pytest.raises(tc.RuntimeStateError, match="DynamicCache"):
-            with torch.no_grad():
-                qwen.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+    with tc.compress(qwen, tc.Schedule.preset("spu")), pytest.raises(tc.RuntimeStateError, match="DynamicCache"):
+        with torch.no_grad():
+            qwen.generate(**inputs, max_new_tokens=2, cache_implementation="static")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import cached_model
+from tokcomp.strategies import VTW
+from tokcomp.strategies.vtw import kl_withdrawn_vs_full, search_k
 
 import tokcomp as tc
 from tokcomp import testing
-from tokcomp.strategies import VTW
-from tokcomp.strategies.vtw import kl_withdrawn_vs_full, search_k
 
 
 def _reference(model, embeds, pos3, visual, k, steps):

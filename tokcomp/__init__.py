@@ -49,9 +49,9 @@ __all__ = [
     "TokcompError",
     "UnsupportedModelError",
     "VisualItem",
+    "__version__",
     "compress",
     "find_adapter",
     "hookimpl",
     "registry",
-    "__version__",
 ]

@@ -6,9 +6,8 @@ import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-__all__ = ["main", "run_demo", "DemoResult"]
+__all__ = ["DemoResult", "main", "run_demo"]
 
 
 @dataclass
@@ -57,7 +56,7 @@ def run_demo(
 
     model = testing.tiny_model(arch, num_hidden_layers=num_layers)
     inputs = testing.tiny_inputs(arch)
-    gen = dict(max_new_tokens=new_tokens, do_sample=False)
+    gen = {"max_new_tokens": new_tokens, "do_sample": False}
     with torch.no_grad():
         ref = model.generate(**inputs, **gen)[:, inputs["input_ids"].shape[1]:]
         with tc.compress(model, tc.Schedule.preset(preset)) as run:

@@ -22,21 +22,23 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SITES",
-    "Site",
-    "VisualItem",
-    "SampleLayout",
-    "Projections",
-    "LLMView",
-    "LLMDecision",
-    "Strategy",
-    "LLMStrategy",
-    "VisualStrategy",
     "Adapter",
     "AttentionParts",
+    "LLMDecision",
+    "LLMStrategy",
+    "LLMView",
+    "Projections",
+    "SampleLayout",
+    "Site",
+    "Strategy",
+    "VisualItem",
+    "VisualStrategy",
 ]
 
 Site = Literal["encoder", "projector", "llm"]
+"""Where a stage runs: inside the vision encoder, on the projector's output, or between LLM layers."""
 SITES: tuple[str, ...] = ("encoder", "projector", "llm")
+"""The sites, in data-flow order."""
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,10 @@ from .errors import RuntimeStateError
 from .schedule import ResolvedStage
 from .tokens import VisualItemTokens, VisualTokens
 
-__all__ = ["VisionSession", "VisionCallResult", "ChunkedBias", "enable_bias_attention", "BIAS_PREFIX"]
+__all__ = ["BIAS_PREFIX", "ChunkedBias", "VisionCallResult", "VisionSession", "enable_bias_attention"]
 
 BIAS_PREFIX = "tokcomp_"
+"""Prefix of the attention functions tokcomp registers with transformers (``tokcomp_sdpa``, ...)."""
 
 
 class ChunkedBias:

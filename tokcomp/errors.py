@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["TokcompError", "ScheduleError", "UnsupportedModelError", "PluginError", "RuntimeStateError"]
+__all__ = ["PluginError", "RuntimeStateError", "ScheduleError", "TokcompError", "UnsupportedModelError"]
 
 
 class TokcompError(Exception):

@@ -48,8 +48,8 @@ __all__ = [
     "vision_flops",
 ]
 
-#: The keys of every per-layer FLOPs dict, in data-flow order; ``"total"`` is their sum.
 COMPONENTS: tuple[str, ...] = ("qkv", "attn_scores", "attn_values", "out_proj", "mlp")
+"""The keys of every per-layer FLOPs dict, in data-flow order; ``"total"`` is their sum."""
 
 # Vision towers whose MLP is SwiGLU-style (gate, up, down). Every other vision tower tokcomp supports
 # (Qwen2-VL, SigLIP, CLIP, InternViT) uses a plain fc1/fc2 MLP, and the config fields cannot tell the

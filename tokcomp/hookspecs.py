@@ -12,13 +12,17 @@ Each hook receives a ``register`` callable; call it once per thing the plugin pr
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import pluggy
 
-__all__ = ["hookspec", "hookimpl", "TokcompHookSpecs", "PROJECT_NAME"]
+__all__ = ["PROJECT_NAME", "TokcompHookSpecs", "hookimpl", "hookspec"]
 
 PROJECT_NAME = "tokcomp"
+"""The pluggy project name, which is also the entry-point group plugins announce themselves under."""
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+"""Marks the hook specifications in `TokcompHookSpecs`."""
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+"""Decorate a plugin's ``tokcomp_register_*`` functions with this (also ``tokcomp.hookimpl``)."""
 
 
 class TokcompHookSpecs:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from .hookspecs import hookimpl
 from .schedule import Schedule, Stage
 
-__all__ = ["tokcomp_register_presets", "PRESETS"]
+__all__ = ["PRESETS", "tokcomp_register_presets"]
 
 
 def _spu(num_layers: int) -> Schedule:
@@ -65,19 +65,20 @@ def _vtw(num_layers: int) -> Schedule:
 
 
 PRESETS: dict[str, tuple[Callable[[int], Schedule], str]] = {
-    "luvc": (_luvc, "LUVC for images: OIM 2 iterations (width, height; rate 0.25) in the last third of the "
-                    "encoder + SPU cascade from layer 2 (project's starting choice; paper's numbers unreadable)"),
-    "luvc-video": (_luvc_video, "LUVC for video: OIM 4 iterations at rate 0.25 (about 3x fewer tokens) + SPU "
-                                "cascade from layer 2 (project's starting choice)"),
+    "luvc": (_luvc, ("LUVC for images: OIM 2 iterations (width, height; rate 0.25) in the last third of the "
+                    "encoder + SPU cascade from layer 2 (project's starting choice; paper's numbers unreadable)")),
+    "luvc-video": (_luvc_video, ("LUVC for video: OIM 4 iterations at rate 0.25 (about 3x fewer tokens) + SPU "
+                                "cascade from layer 2 (project's starting choice)")),
     "spu": (_spu, "SPU linear cascade from layer 2 to zero visual tokens at the last layer (LUVC, LLM side)"),
     "luvc-document": (_luvc_document, "no OIM, SPU cascade from half depth (LUVC: documents/charts/OCR)"),
     "fastv": (_fastv, "FastV K=2, R=50% (the paper's headline setting)"),
-    "pact": (_pact(0.21, 0.55), "PACT at layer 4 with the reference's LLaVA-OneVision-7B defaults "
-                                "(cutoff 0.21, keep 0.55; scripts/*.sh of orailix/PACT)"),
-    "pact-qwen2-vl": (_pact(0.10, 0.80), "PACT at layer 4 with the reference's Qwen2-VL-7B defaults "
-                                         "(cutoff 0.10, keep 0.80)"),
+    "pact": (_pact(0.21, 0.55), ("PACT at layer 4 with the reference's LLaVA-OneVision-7B defaults "
+                                "(cutoff 0.21, keep 0.55; scripts/*.sh of orailix/PACT)")),
+    "pact-qwen2-vl": (_pact(0.10, 0.80), ("PACT at layer 4 with the reference's Qwen2-VL-7B defaults "
+                                         "(cutoff 0.10, keep 0.80)")),
     "vtw": (_vtw, "VTW at half depth (reference K=15/16 of 32 layers); use vtw.search_k for a model"),
 }
+"""The built-in presets: name -> (factory of the LLM depth, description with the numbers' source)."""
 
 
 @hookimpl

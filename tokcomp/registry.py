@@ -26,17 +26,17 @@ from .hookspecs import PROJECT_NAME, TokcompHookSpecs
 
 __all__ = [
     "Registration",
-    "strategies",
     "adapters",
-    "presets",
-    "get_strategy",
+    "describe",
     "get_adapter",
     "get_preset",
-    "register_plugin",
-    "unregister_plugin",
+    "get_strategy",
     "plugin_manager",
+    "presets",
+    "register_plugin",
     "reload",
-    "describe",
+    "strategies",
+    "unregister_plugin",
 ]
 
 
@@ -86,7 +86,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         seen.add((package, ep.value))
         try:
             plugin = ep.load()
-        except Exception as exc:  # noqa: BLE001 - any import failure must name the package
+        except Exception as exc:
             raise PluginError(
                 f"the tokcomp plugin {ep.name!r} of package {package!r} failed to import ({ep.value}): "
                 f"{type(exc).__name__}: {exc}. Fix or uninstall {package!r} (pip uninstall {package})."

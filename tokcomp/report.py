@@ -6,7 +6,7 @@ import io
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["StageEvent", "Report"]
+__all__ = ["Report", "StageEvent"]
 
 
 @dataclass(frozen=True)

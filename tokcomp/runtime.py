@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import Self
 
 from . import registry
 from .contracts import Adapter, LLMDecision, LLMStrategy, LLMView, Projections, SampleLayout
@@ -39,9 +40,10 @@ from .errors import RuntimeStateError, ScheduleError, UnsupportedModelError
 from .report import Report, StageEvent
 from .schedule import ResolvedStage, Schedule, Stage
 
-__all__ = ["compress", "CompressionRun", "find_adapter", "SUPPORTED_ATTENTION"]
+__all__ = ["SUPPORTED_ATTENTION", "CompressionRun", "compress", "find_adapter"]
 
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+"""LLM attention backends the runtime builds masks for (flash ones: GPU only, not exercised by CI)."""
 
 
 def find_adapter(model: nn.Module) -> Adapter:
@@ -216,7 +218,7 @@ class CompressionRun:
             for s in ss:
                 if s.strategy.needs_scores and layer == 0:
                     raise ScheduleError(
-                        f"stage {s.label}: {type(s.strategy).name} scores tokens with the attention of the "
+                        f"stage {s.index} ({type(s.strategy).name} at site 'llm'): {type(s.strategy).name} scores tokens with the attention of the "
                         "previous layer, so it cannot run at layer 0; use layers >= 1"
                     )
 
@@ -227,7 +229,7 @@ class CompressionRun:
         return adapter.num_vision_blocks
 
     # -- context manager -----------------------------------------------------------------------------
-    def __enter__(self) -> CompressionRun:
+    def __enter__(self) -> Self:
         if self._active:
             raise RuntimeStateError("this CompressionRun is already active")
         if getattr(self.model, "_tokcomp_active", False):
@@ -240,7 +242,7 @@ class CompressionRun:
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._remove()
 
     def _install(self) -> None:
@@ -338,12 +340,11 @@ class CompressionRun:
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
             self._start_prefill(call, cache)
-        elif self._state is None or self._state.cache is not cache:
-            if self._first is not None:
-                raise RuntimeStateError(
-                    "decoding step with a KV cache that was not filled inside this tokcomp.compress block; run "
-                    "the prefill (the first generate() step) inside the same with block"
-                )
+        elif (self._state is None or self._state.cache is not cache) and self._first is not None:
+            raise RuntimeStateError(
+                "decoding step with a KV cache that was not filled inside this tokcomp.compress block; run "
+                "the prefill (the first generate() step) inside the same with block"
+            )
 
     def _start_prefill(self, call: dict[str, Any], cache: Any) -> None:
         ids = call.get("input_ids")
@@ -376,9 +377,8 @@ class CompressionRun:
         if st is None:
             return None
         mask = kwargs.get("attention_mask")
-        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            if self._first is not None:
-                raise RuntimeStateError("tokcomp needs the 2-D attention mask; got a pre-built 4-D or dict mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2) and self._first is not None:
+            raise RuntimeStateError("tokcomp needs the 2-D attention mask; got a pre-built 4-D or dict mask")
         st.mask2d = mask if isinstance(mask, torch.Tensor) else None
         cache = kwargs.get("past_key_values")
         decode = cache is not None and st.cache is cache and st.index is not None

@@ -19,7 +19,7 @@ from .errors import ScheduleError
 if TYPE_CHECKING:
     from .contracts import Adapter
 
-__all__ = ["Stage", "Schedule", "ResolvedStage"]
+__all__ = ["ResolvedStage", "Schedule", "Stage"]
 
 
 @dataclass
@@ -229,7 +229,7 @@ class Schedule:
                 layers = stage.layers if stage.layers is not None else strategy.default_layers(adapter.num_vision_blocks)
             else:
                 layers = stage.layers if stage.layers is not None else strategy.default_layers(num_layers)
-            layers = tuple(sorted(set(int(x) for x in layers)))
+            layers = tuple(sorted({int(x) for x in layers}))
             if not layers:
                 raise ScheduleError(f"{where}: no layers given; pass layers=[...] with at least one index")
             if stage.site == "encoder":
