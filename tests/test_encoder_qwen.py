@@ -227,3 +227,14 @@ def test_report_shows_encoder_blocks_and_llm_layers(qwen):
     assert "encoder block 1" in text and "oim@encoder" in text and "spu@llm" in text
     rep = run.report()
     assert rep.retained_fraction() < 0.5
+
+
+def test_features_computed_outside_the_block_are_refused(qwen):
+    inputs = testing.tiny_inputs("qwen2_vl")
+    with torch.no_grad():
+        feats = qwen.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    call = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    call["mm_encoder_outputs"] = {"image": feats}
+    with torch.no_grad(), tc.compress(qwen, tc.Schedule.preset("luvc")):
+        with pytest.raises(tc.RuntimeStateError, match="vision tower did not run"):
+            qwen(**call)

@@ -406,9 +406,15 @@ class CompressionRun:
         """Prefill after encoder/projector stages: which slots are real, the new layouts and positions."""
         st = self._state
         assert st is not None
-        results = self.vision.take()
-        if not results or not any(st.uncompressed_visual):
+        if not any(st.uncompressed_visual):
             return
+        results = self.vision.take()
+        if not results:
+            raise RuntimeStateError(
+                "the schedule has encoder/projector stages but the vision tower did not run inside this "
+                "tokcomp.compress block (were the image features computed before it?); pass pixel values "
+                "to the model inside the with block"
+            )
         inp = self.adapter.llm_input(st.call, kwargs, results)
         st.vision = results
         st.layouts = inp.layouts
