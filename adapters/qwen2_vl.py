@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+from einops import rearrange
 
 from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
 from tokcomp.encoder import VisionCallResult, VisionSession
@@ -275,7 +276,7 @@ class _Call:
     def __init__(self, grids: list[tuple[int, int, int]]) -> None:
         self.grids = grids  # original (t, h, w) in patches
         self.items: list[VisualItemTokens] | None = None  # set once a stage ran
-        self.coords: torch.Tensor | None = None  # (N, 4) item, frame, row, col of each sequence position
+        self.order: torch.Tensor | None = None  # the tower's sequence order vs. merge-window-major order
         self.kw: dict[str, Any] = {}
         self.keys: dict[int, torch.Tensor] = {}
         self.tokens_per_block: dict[int, list[int]] = {}
@@ -315,27 +316,32 @@ class _QwenVision:
         v = self.visual
         return _vision_utils().get_vision_window_index(grid_thw, self.m, v.window_size, v.patch_size)
 
-    def _canonical(self, grids: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
-        """(N, 4) item, frame, row, col of every token in merge-window-major order."""
-        m, out = self.m, []
-        for i, (t, h, w) in enumerate(grids):
-            f, hu, wu, a, b = torch.meshgrid(
-                torch.arange(t), torch.arange(h // m), torch.arange(w // m), torch.arange(m), torch.arange(m),
-                indexing="ij",
-            )
-            out.append(torch.stack([torch.full_like(f, i), f, hu * m + a, wu * m + b], -1).reshape(-1, 4))
-        return torch.cat(out).to(device)
-
-    def _sequence(self, grids: list[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, Any]:
-        """Coordinates in the model's own sequence order for these grids, and the window data (2.5-VL)."""
-        canon = self._canonical(grids, device)
+    def _order(self, grids: list[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor | None, Any]:
+        """The model's sequence order for these grids relative to merge-window-major order: position ``p``
+        holds window-major token ``order[p]`` (None: the same order, Qwen2-VL), and the window data."""
         if not self.windowed:
-            return canon, None
-        gt = torch.tensor(grids, device=device)
-        wi, cu_w = self._window(gt)
+            return None, None
+        wi, cu_w = self._window(torch.tensor(grids, device=device))
         unit = self.m * self.m
         order = (wi.to(device)[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)
-        return canon[order], (wi, cu_w)
+        return order, (wi, cu_w)
+
+    def _to_grids(self, seq: torch.Tensor, grids: list[tuple[int, int, int]], order: torch.Tensor | None
+                  ) -> list[torch.Tensor]:
+        """A packed sequence (N, ...) as one (t, h, w, ...) tensor per item."""
+        canon = seq if order is None else torch.empty_like(seq).index_copy_(0, order, seq)
+        out = []
+        for part, (t, h, w) in zip(torch.split(canon, [t * h * w for t, h, w in grids]), grids):
+            out.append(rearrange(part, "(t hu wu a b) ... -> t (hu a) (wu b) ...", t=t, hu=h // self.m,
+                                 wu=w // self.m, a=self.m, b=self.m))
+        return out
+
+    def _from_grids(self, parts: list[torch.Tensor], order: torch.Tensor | None) -> torch.Tensor:
+        """The inverse of `_to_grids`."""
+        canon = torch.cat([
+            rearrange(x, "t (hu a) (wu b) ... -> (t hu wu a b) ...", a=self.m, b=self.m) for x in parts
+        ])
+        return canon if order is None else canon[order]
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def _start(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -345,6 +351,7 @@ class _QwenVision:
         self.call = _Call([tuple(int(v) for v in r) for r in grid.tolist()])
         if self.windowed:
             self.call.window_index = self._window(grid)[0]
+        self.call.order = self._order(self.call.grids, grid.device)[0]
 
     def _keys_hook(self, block: int) -> Any:
         def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -360,59 +367,29 @@ class _QwenVision:
         call = self.call
         assert call is not None
         metric = call.keys.get(block)
+        grids = call.grids if call.items is None else [it.grid for it in call.items]
+        xs = self._to_grids(hs, grids, call.order)
+        ms = self._to_grids(metric, grids, call.order) if metric is not None else [None] * len(xs)
         if call.items is None:
-            coords, _ = self._sequence(call.grids, hs.device)
-            items = []
-            for i, (t, h, w) in enumerate(call.grids):
-                sel = coords[:, 0] == i
-                c = coords[sel]
-                x = hs.new_zeros(t, h, w, hs.shape[-1])
-                x[c[:, 1], c[:, 2], c[:, 3]] = hs[sel]
-                mt = None
-                if metric is not None:
-                    mt = metric.new_zeros(t, h, w, metric.shape[-1])
-                    mt[c[:, 1], c[:, 2], c[:, 3]] = metric[sel]
-                frames = [FrameGrid.fresh(x[f], None if mt is None else mt[f]) for f in range(t)]
-                items.append(VisualItemTokens("image" if t == 1 else "video", frames, (t, h, w)))
-            return items
-        coords = call.coords
-        assert coords is not None
-        for i, item in enumerate(call.items):
-            sel = coords[:, 0] == i
-            c = coords[sel]
-            for f, frame in enumerate(item.frames):
-                fs = c[:, 1] == f
-                x = hs.new_zeros(*frame.shape, hs.shape[-1])
-                x[c[fs, 2], c[fs, 3]] = hs[sel][fs]
-                mt = None
-                if metric is not None:
-                    mt = metric.new_zeros(*frame.shape, metric.shape[-1])
-                    mt[c[fs, 2], c[fs, 3]] = metric[sel][fs]
-                item.frames[f] = frame.with_values(x=x, metric=mt)
+            return [
+                VisualItemTokens("image" if g[0] == 1 else "video",
+                                 [FrameGrid.fresh(x[f], None if mt is None else mt[f]) for f in range(g[0])], g)
+                for x, mt, g in zip(xs, ms, grids)
+            ]
+        for item, x, mt in zip(call.items, xs, ms):
+            item.frames = [fr.with_values(x=x[f], metric=None if mt is None else mt[f])
+                           for f, fr in enumerate(item.frames)]
         return call.items
 
     def _pack(self, items: list[VisualItemTokens], device: torch.device) -> torch.Tensor:
         call = self.call
         assert call is not None
         grids = [it.grid for it in items]
-        coords, window = self._sequence(grids, device)
-        i, f, r, c = coords.unbind(1)
-        xs, sizes, pos = [], [], []
-        for k, it in enumerate(items):
-            sel = i == k
-            x = torch.stack([fr.x for fr in it.frames])
-            s = torch.stack([fr.size for fr in it.frames])
-            p = torch.stack([fr.pos for fr in it.frames])
-            xs.append((sel, x[f[sel], r[sel], c[sel]]))
-            sizes.append((sel, s[f[sel], r[sel], c[sel]]))
-            pos.append((sel, p[f[sel], r[sel], c[sel]]))
-        n = coords.shape[0]
-        hs = torch.empty(n, items[0].frames[0].x.shape[-1], device=device, dtype=items[0].frames[0].x.dtype)
-        size = torch.empty(n, device=device)
-        position = torch.empty(n, 2, device=device)
-        for (sel, v), (_, s), (_, p) in zip(xs, sizes, pos):
-            hs[sel], size[sel], position[sel] = v, s.float(), p.float()
-        call.items, call.coords = items, coords
+        order, window = self._order(grids, device)
+        hs = self._from_grids([torch.stack([fr.x for fr in it.frames]) for it in items], order)
+        size = self._from_grids([torch.stack([fr.size for fr in it.frames]).float() for it in items], order)
+        position = self._from_grids([torch.stack([fr.pos for fr in it.frames]).float() for it in items], order)
+        call.items, call.order = items, order
         gt = torch.tensor(grids, device=device)
         vu = _vision_utils()
         cu = vu.get_vision_cu_seqlens(gt)
@@ -479,16 +456,14 @@ class _QwenVision:
         items = self._unpack(hs, -1)
         unit = self.m * self.m
         n_orig = sum(t * h * w for t, h, w in call.grids)
-        full = hs.new_zeros(n_orig, hs.shape[-1])
+        full = hs.new_zeros(n_orig // unit, unit, hs.shape[-1])
         slots = self._unit_slots(hs.device)
         for it, sl in zip(items, slots):
             x = torch.stack([fr.x for fr in it.frames])  # (t, h, w, c)
-            t, h, w = it.grid
-            x = x.reshape(t, h // self.m, self.m, w // self.m, self.m, -1).permute(0, 1, 3, 2, 4, 5)
-            x = x.reshape(-1, unit, x.shape[-1])  # new LLM tokens in raster order, 2x2 window inside
-            rows = (sl[: x.shape[0], None] * unit + torch.arange(unit, device=hs.device)).reshape(-1)
-            full[rows] = x.reshape(-1, x.shape[-1])
-        return (full, *args[1:])
+            # new LLM tokens in raster order, each a 2x2 window: the merger's input layout
+            x = rearrange(x, "t (hu a) (wu b) c -> (t hu wu) (a b) c", a=self.m, b=self.m)
+            full[sl[: x.shape[0]]] = x
+        return (full.reshape(n_orig, -1), *args[1:])
 
     def _finish(self, module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
         call = self.call
