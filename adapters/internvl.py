@@ -19,6 +19,28 @@ Where things are in this model (transformers 5.x):
   many tiles across) is not kept by the processor, so tiles are separate items. Video frames are written
   with the same ``<IMG_CONTEXT>`` token (one tile per frame) and therefore appear as tiles of kind
   ``"image"``.
+
+Encoder and projector sites (`tokcomp.encoder.RowTower`, ``canvas="corner"``, unit 2):
+
+* **Encoder.** Stages run at the input of ``vision_tower.encoder.layer[i]`` on one ``(1, S/p, S/p)`` patch
+  grid per tile, CLS kept aside (never merged, size 1). Merges must keep both sides even (``grid_multiple``
+  2), so ToMe is refused here by the validator; every tile of a call must keep the same number of tokens.
+  Proportional attention reaches the attention function through a pre-hook on each block's ``attention``
+  module (the block itself passes no keyword arguments on).
+* **Back to the square grid.** ``get_image_features`` reshapes each tile to a *square* grid and pixel-shuffles
+  it. At the tower's output the features (``last_hidden_state``, or the selected ``hidden_states`` entry)
+  are spread back: the merged ``h' x w'`` grid goes to the top-left corner of the original ``S/p x S/p``
+  canvas, zeros elsewhere. Pixel shuffle is local (output unit ``(i, j)`` reads patches ``2i..2i+1`` x
+  ``2j..2j+1``), so the ``h'/2 x w'/2`` top-left units are exactly the merged grid's units and read no zero.
+  The features are the tower's last output (``vision_feature_layer`` -1) or the input of block
+  ``L + vision_feature_layer + 1``; encoder stages at a later block are refused when the ``with`` block is
+  entered.
+* **Projector.** The top-left units of every tile (all of them without encoder stages) form its unit grid
+  (sizes, positions and provenance carried from the patch grid); projector stages run on it (OIM and
+  downsample keep a grid, ToMe gives a 1-D list), and the tile's real units are written to its first slots.
+* **LLM input.** The first ``n'`` slots of every tile's 256-token run are kept (raster order of the new grid),
+  the others removed before decoder layer 0; positions are renumbered contiguously and decoding continues
+  from the compressed length, as for the unpatched model fed the compressed features with shorter runs.
 """
 
 from __future__ import annotations
@@ -27,7 +49,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from tokcomp.contracts import Adapter, SampleLayout, VisualItem
+from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
+from tokcomp.encoder import RowTower, RowTowerHooks, VisionCallResult, VisionSession, first_slots_input
 from tokcomp.errors import RuntimeStateError
 
 __all__ = ["InternVLAdapter"]
@@ -39,6 +62,7 @@ class InternVLAdapter(Adapter):
     name: ClassVar[str] = "internvl"
     model_classes: ClassVar[tuple[str, ...]] = ("InternVLForConditionalGeneration",)
     grid_multiple: ClassVar[int] = 2  # pixel shuffle (0.5) merges 2x2 patches: grid sides must be even
+    sites: ClassVar[frozenset[str]] = frozenset({"encoder", "projector", "llm"})
 
     @property
     def language_model(self) -> torch.nn.Module:
@@ -53,6 +77,59 @@ class InternVLAdapter(Adapter):
         patch = _pair(cfg.vision_config.patch_size)
         r = float(cfg.downsample_ratio)
         return int(side[0] // patch[0] * r), int(side[1] // patch[1] * r)
+
+    # -- vision tower (encoder / projector sites) ---------------------------------------------------------
+    @property
+    def num_vision_blocks(self) -> int:
+        """Blocks of InternViT (``vision_tower.encoder.layer``)."""
+        return len(self.model.model.vision_tower.encoder.layer)
+
+    @property
+    def vision_attn_implementation(self) -> str:
+        """The vision tower's attention backend."""
+        return str(self.model.model.vision_tower.config._attn_implementation)
+
+    def vision_attention_configs(self) -> list[Any]:
+        """The InternViT attention config (one object shared by every block)."""
+        blocks = self.model.model.vision_tower.encoder.layer
+        cfgs = {id(b.attention.config): b.attention.config for b in blocks}
+        return list(cfgs.values())
+
+    def install_vision(self, session: VisionSession) -> list[Any]:
+        """Row-tower hooks on InternViT, its blocks and the projector (module docstring)."""
+        cfg = self.model.config
+        tower = self.model.model.vision_tower
+        blocks = list(tower.encoder.layer)
+        vc = cfg.vision_config
+        side, patch = _pair(vc.image_size), _pair(vc.patch_size)
+        unit = round(1 / float(cfg.downsample_ratio))
+        layer = cfg.vision_feature_layer
+        if not isinstance(layer, int):
+            layer = min(int(v) % (len(blocks) + 1) for v in layer)
+        spec = RowTower(
+            tower=tower,
+            blocks=blocks,
+            attention=[b.attention for b in blocks],
+            keys=[b.attention.k_norm for b in blocks],  # the keys as the attention uses them (after qk norm)
+            num_heads=int(vc.num_attention_heads),
+            grid=(side[0] // patch[0], side[1] // patch[1]),
+            prefix=1,
+            projector=self.model.model.multi_modal_projector,
+            unit=unit,
+            canvas="corner",
+            feature_index=int(layer) % (len(blocks) + 1),
+        )
+        hooks = RowTowerHooks(spec, session)
+        hooks.check(f"the {self.name!r} adapter")
+        return hooks.install()
+
+    def llm_input(self, call: dict[str, Any], lm_kwargs: dict[str, Any], results: list[VisionCallResult]) -> LLMInput:
+        """Keep the first ``n'`` slots of every tile's run; renumber positions contiguously."""
+        ids: torch.Tensor = call["input_ids"]
+        mask = call.get("attention_mask")
+        valid = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)
+        slots = [[lay.positions[it.start:it.start + it.count] for it in lay.items] for lay in self.layouts(call)]
+        return first_slots_input(slots, results, valid, lm_kwargs.get("position_ids"))
 
     def layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         """Cut every ``<IMG_CONTEXT>`` run into tiles of ``h * w`` tokens, one ``(1, h, w)`` item each."""

@@ -17,6 +17,27 @@ Where things are in this model (transformers 5.x):
   tensor per image) instead of ``pixel_values``; the per-image counts are then read from it.
 * With ``vision_feature_select_strategy="full"`` the CLS token is fed to the LLM in front of each image's
   grid; it is left out of the layout (treated like text, never pruned).
+
+Encoder and projector sites (`tokcomp.encoder.RowTower`, ``canvas="first"``):
+
+* **Encoder.** Stages run at the input of ``vision_tower.encoder.layers[i]`` on one ``(1, h, w)`` grid per
+  image; the CLS token is kept aside (never merged, size 1, always kept). Every image of a call is one row of
+  the tower's batch, so every image must keep the same number of tokens (OIM and ToMe with a fixed ``r``
+  do). ToMe may run here: the projector works per token, so a 1-D token list is fine (``grid_multiple``
+  1). Proportional attention adds ``log size`` per key through the ``tokcomp_sdpa``/``tokcomp_eager``
+  attention functions (CLIP's attention calls the attention interface with the kwargs of its layer).
+* **Which tokens the LLM gets.** The features are ``hidden_states[vision_feature_layer]``, the *input* of
+  block ``L + vision_feature_layer + 1`` (-2: the input of the last block). A stage scheduled at that block
+  acts on that input, so its result is what the LLM reads (with -2, a stage at the last block counts); a
+  stage at a later block would change nothing the LLM sees and is refused when the ``with`` block is
+  entered. At the tower's output the selected hidden state (and ``last_hidden_state``) is spread back to
+  ``(n, 1 + h*w, C)``: CLS, the tokens in raster order (a 1-D list in the strategy's order), zeros after.
+* **Projector.** Projector stages run on each image's projected tokens (the grid, or the 1-D list an
+  encoder-side ToMe left); the real tokens are written to the first slots of the image's features.
+* **LLM input.** The first ``n'`` slots of every image's placeholder run are kept, the others removed
+  before decoder layer 0, and positions are renumbered contiguously as if the prompt had ``n'`` placeholders
+  per image: text after an image moves back, and decoding continues from the compressed length
+  (``decode_shift``). This is the unpatched model fed the compressed features with shorter placeholder runs.
 """
 
 from __future__ import annotations
@@ -25,7 +46,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from tokcomp.contracts import Adapter, SampleLayout, VisualItem
+from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
+from tokcomp.encoder import RowTower, RowTowerHooks, VisionCallResult, VisionSession, first_slots_input
 from tokcomp.errors import RuntimeStateError
 
 __all__ = ["LlavaAdapter"]
@@ -37,6 +59,7 @@ class LlavaAdapter(Adapter):
     name: ClassVar[str] = "llava"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration",)
     grid_multiple: ClassVar[int] = 1  # the projector works per token
+    sites: ClassVar[frozenset[str]] = frozenset({"encoder", "projector", "llm"})
 
     @classmethod
     def supports(cls, model: torch.nn.Module) -> bool:
@@ -60,6 +83,60 @@ class LlavaAdapter(Adapter):
         side = _pair(vc.image_size)
         patch = _pair(vc.patch_size)
         return side[0] // patch[0], side[1] // patch[1]
+
+    # -- vision tower (encoder / projector sites) ---------------------------------------------------------
+    @property
+    def _tower_blocks(self) -> Any:
+        tower = self.model.model.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    @property
+    def num_vision_blocks(self) -> int:
+        """Blocks of the vision tower (``vision_tower.encoder.layers``)."""
+        return len(self._tower_blocks)
+
+    @property
+    def vision_attn_implementation(self) -> str:
+        """The vision tower's attention backend."""
+        return str(self.model.model.vision_tower.config._attn_implementation)
+
+    def vision_attention_configs(self) -> list[Any]:
+        """The tower's attention config (one object shared by every block)."""
+        cfgs = {id(b.self_attn.config): b.self_attn.config for b in self._tower_blocks}
+        return list(cfgs.values())
+
+    def install_vision(self, session: VisionSession) -> list[Any]:
+        """Row-tower hooks on the vision tower, its blocks and the projector (module docstring)."""
+        tower = self.model.model.vision_tower
+        blocks = list(self._tower_blocks)
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            layer = min(int(v) % (len(blocks) + 1) for v in layer)
+        spec = RowTower(
+            tower=tower,
+            blocks=blocks,
+            attention=[b.self_attn for b in blocks],
+            keys=[b.self_attn.k_proj for b in blocks],
+            num_heads=int(tower.config.num_attention_heads),
+            grid=self.patch_grid,
+            prefix=1 if self._tower_has_cls() else 0,
+            projector=self.model.model.multi_modal_projector,
+            feature_index=int(layer) % (len(blocks) + 1),
+        )
+        hooks = RowTowerHooks(spec, session)
+        hooks.check(f"the {self.name!r} adapter")
+        return hooks.install()
+
+    def llm_input(self, call: dict[str, Any], lm_kwargs: dict[str, Any], results: list[VisionCallResult]) -> LLMInput:
+        """Keep the first ``n'`` placeholder slots of every image; renumber positions contiguously."""
+        ids: torch.Tensor = call["input_ids"]
+        mask = call.get("attention_mask")
+        valid = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)
+        slots = [[lay.positions[it.start:it.start + it.count] for it in lay.items] for lay in self.layouts(call)]
+        return first_slots_input(slots, results, valid, lm_kwargs.get("position_ids"))
+
+    def _tower_has_cls(self) -> bool:
+        return any(hasattr(m, "class_embedding") for m in self.model.model.vision_tower.modules())
 
     def layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         """One ``(1, h, w)`` item per image; a CLS token in front (``"full"`` strategy) is not visual."""
@@ -106,7 +183,7 @@ class LlavaAdapter(Adapter):
         )
         if strategy != "full":
             return False
-        return any(hasattr(m, "class_embedding") for m in self.model.model.vision_tower.modules())
+        return self._tower_has_cls()
 
     @staticmethod
     def _counts_from_features(call: dict[str, Any]) -> list[int] | None:

@@ -36,6 +36,31 @@ only ``mm_encoder_outputs["image"].pooler_output``: one packed ``(n_i, D)`` feat
 the newline tokens are found in the features themselves (rows equal to ``model.model.image_newline``; they
 are copies of it), which gives ``rows`` and ``cols`` of the AnyRes grid; videos are
 ``mm_encoder_outputs["video"].pooler_output`` of shape ``(videos, frames * h * w + 1, D)``.
+
+**Sites: ``projector`` and ``llm``; not ``encoder``.** The AnyRes grid exists only inside
+``pack_image_features``, which needs every tile at its full ``h0 x w0`` size, stitches the tiles, crops the
+padding away and may interpolate; a merge inside one SigLIP tile cannot be carried through that without
+reimplementing the packing for merged tiles, and spreading merged tokens back with zeros would let the
+crop and the interpolation mix them with the zeros. So the validator refuses ``encoder`` stages (its message
+names the sites this adapter supports).
+
+The **projector** site runs on the packed features as they enter the LLM: in `llm_input`, which the runtime
+calls at the language model's input, every item of the layout above (base tile, AnyRes grid, the base tile
+of a multi-image sample, a video's frames) becomes one `tokcomp.tokens.VisualItemTokens` read off
+``inputs_embeds``; newline tokens are not part of any item. The projector stages run on them, and the
+compressed features are written back into ``inputs_embeds`` following the packing rule of the model:
+
+* AnyRes grid, new grid ``h' x w'``: the first ``w'`` slots of each of the first ``h'`` rows, each row still
+  followed by its newline; the other slots and the newlines of the dropped rows are removed. The prompt
+  then reads as the packing of an ``h' x w'`` grid. A 1-D result (ToMe) of ``n'`` tokens is one row: the first
+  ``n'`` visual slots, then one newline (the last row's).
+* Base tile, multi-image tile, video: the first ``n'`` visual slots (raster order, frame after frame),
+  followed by the item's trailing newline when it has one.
+
+The removed slots leave the sequence before decoder layer 0 and positions are renumbered contiguously
+(decoding continues from the compressed length), as for the unpatched model fed the compressed packed
+features with shorter ``<image>``/``<video>`` runs; features passed in as ``mm_encoder_outputs`` are
+compressed the same way. The report's items are the layout's items (newlines not counted).
 """
 
 from __future__ import annotations
@@ -50,8 +75,10 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     unpad_image,
 )
 
-from tokcomp.contracts import Adapter, SampleLayout, VisualItem
+from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
+from tokcomp.encoder import VisionCallResult, VisionSession, compact_positions
 from tokcomp.errors import RuntimeStateError
+from tokcomp.tokens import FrameGrid, VisualItemTokens
 
 __all__ = ["LlavaOnevisionAdapter"]
 
@@ -89,6 +116,8 @@ class LlavaOnevisionAdapter(Adapter):
     # The projector works per token. (An encoder-side merge must still hand pack_image_features whole
     # h0 x w0 tiles.)
     grid_multiple: ClassVar[int] = 1
+    # encoder: not supported (module docstring); projector: on the packed LLM input
+    sites: ClassVar[frozenset[str]] = frozenset({"projector", "llm"})
 
     @property
     def language_model(self) -> torch.nn.Module:
@@ -102,8 +131,108 @@ class LlavaOnevisionAdapter(Adapter):
         side = int(vc.image_size) // int(vc.patch_size)
         return side, side
 
+    # -- projector site (on the packed LLM input) ----------------------------------------------------------
+    @property
+    def num_vision_blocks(self) -> int:
+        """Blocks of the SigLIP tower (``vision_tower.encoder.layers``)."""
+        return len(self.model.model.vision_tower.encoder.layers)
+
+    @property
+    def vision_attn_implementation(self) -> str:
+        """The vision tower's attention backend."""
+        return str(self.model.model.vision_tower.config._attn_implementation)
+
+    def vision_attention_configs(self) -> list[Any]:
+        """None: no tower block runs after a projector-site stage, so no attention bias is ever needed."""
+        return []
+
+    def install_vision(self, session: VisionSession) -> list[Any]:
+        """Mark every prefill call of the model, so that the runtime consults `llm_input` (where the stages
+        run) whether the features come from the tower or were passed in as ``mm_encoder_outputs``."""
+        self._session = session
+
+        def mark(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            cache = kwargs.get("past_key_values")
+            if cache is None or cache.get_seq_length() == 0:
+                session.finish_call(VisionCallResult([], [], [], []))
+
+        return [self.model.register_forward_pre_hook(mark, with_kwargs=True)]
+
+    def llm_input(self, call: dict[str, Any], lm_kwargs: dict[str, Any], results: list[VisionCallResult]) -> LLMInput:
+        """Run the projector stages on the packed features in ``inputs_embeds`` and compact the runs."""
+        session: VisionSession | None = getattr(self, "_session", None)
+        if session is None:
+            raise RuntimeStateError("llm_input runs after install_vision (inside a tokcomp.compress block)")
+        embeds = lm_kwargs.get("inputs_embeds")
+        if not isinstance(embeds, torch.Tensor):
+            raise RuntimeStateError("expected inputs_embeds at the language model's input")
+        ids: torch.Tensor = call["input_ids"]
+        mask = call.get("attention_mask")
+        valid = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)
+        placed = self._placed(call)
+        where, items = [], []
+        for b, parts in enumerate(placed):
+            for part, slots in parts:
+                vis = slots[part.visual_offsets().to(slots.device)]
+                t, h, w = part.grid
+                x = embeds[b, vis].reshape(t, h, w, -1)
+                items.append(VisualItemTokens(part.kind, [FrameGrid.fresh(x[f]) for f in range(t)], part.grid))
+                where.append((b, part, slots, vis))
+        items = session.run("projector", self.num_vision_blocks, items)
+        record = VisionCallResult([], [], [], [])
+        session.attach_events(record)
+        keep = valid.clone()
+        new_embeds = embeds.clone()
+        layouts: list[list[tuple[VisualItem, torch.Tensor]]] = [[] for _ in placed]
+        for (b, part, slots, vis), it in zip(where, items):
+            kept_vis, kept_nl = _kept_slots(part, slots, vis, it)
+            x = torch.cat([fr.x.reshape(-1, embeds.shape[-1]) for fr in it.frames]).to(embeds.dtype)
+            keep[b, slots] = False
+            keep[b, kept_vis] = True
+            keep[b, kept_nl] = True
+            new_embeds[b, kept_vis] = x
+            n = int(x.shape[0])
+            grid = it.grid if it.frames[0].is_grid else None
+            start = sum(i.count for i, _ in layouts[b])
+            layouts[b].append((VisualItem(part.kind, grid or (1, 1, n), start, n), kept_vis))
+            record.original_units.append(part.grid[0] * part.grid[1] * part.grid[2])
+            record.units.append(n)
+            record.grids.append(grid)
+            record.anchors.append(None)
+            record.features.append(x)
+            record.provenance.append([fr.owner for fr in it.frames])
+        _fill(results, record)
+        out = [
+            SampleLayout.from_items(
+                torch.cat([p for _, p in lay]) if lay else ids.new_zeros(0), [i for i, _ in lay]
+            )
+            for lay in layouts
+        ]
+        if bool(keep[valid].all()):
+            return LLMInput(out, keep)
+        lm_kwargs["inputs_embeds"] = new_embeds
+        positions, shift = compact_positions(lm_kwargs.get("position_ids"), keep, valid)
+        return LLMInput(out, keep, positions, shift)
+
+    # -- layout ------------------------------------------------------------------------------------------
     def layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         """Each sample's image and video grids, newline tokens left out (see the module docstring)."""
+        out = []
+        for placed in self._placed(call):
+            positions: list[torch.Tensor] = []
+            items: list[VisualItem] = []
+            n_visual = 0
+            for part, slots in placed:
+                count = part.grid[0] * part.grid[1] * part.grid[2]
+                positions.append(slots[part.visual_offsets().to(slots.device)])
+                items.append(VisualItem(part.kind, part.grid, n_visual, count))
+                n_visual += count
+            pos = torch.cat(positions) if positions else call["input_ids"].new_zeros(0)
+            out.append(SampleLayout.from_items(pos, items))
+        return out
+
+    def _placed(self, call: dict[str, Any]) -> list[list[tuple[_Part, torch.Tensor]]]:
+        """Per sample, its parts in sequence order, each with the sequence indices of all its tokens."""
         ids: torch.Tensor = call["input_ids"]
         cfg = self.model.config
         queues = {"image": self._image_parts(call), "video": self._video_parts(call)}
@@ -116,9 +245,7 @@ class LlavaOnevisionAdapter(Adapter):
                 for kind in ("image", "video")
                 for run in _runs((ids[b] == token_of[kind]).nonzero().squeeze(1))
             ]
-            positions: list[torch.Tensor] = []
-            items: list[VisualItem] = []
-            n_visual = 0
+            placed: list[tuple[_Part, torch.Tensor]] = []
             for _, kind, run in sorted(runs, key=lambda r: r[0]):
                 offset = 0
                 while offset < run.numel():
@@ -135,13 +262,9 @@ class LlavaOnevisionAdapter(Adapter):
                                 f"{kind}s' packed features; image_sizes/batch_num_images do not match "
                                 "input_ids"
                             )
-                        count = part.grid[0] * part.grid[1] * part.grid[2]
-                        positions.append(run[offset + part.visual_offsets()])
-                        items.append(VisualItem(part.kind, part.grid, n_visual, count))
-                        n_visual += count
+                        placed.append((part, run[offset:offset + part.num_tokens]))
                         offset += part.num_tokens
-            pos = torch.cat(positions) if positions else ids.new_zeros(0)
-            out.append(SampleLayout.from_items(pos, items))
+            out.append(placed)
         for kind in ("image", "video"):
             if used[kind] != len(queues[kind]):
                 raise RuntimeStateError(
@@ -226,6 +349,30 @@ class LlavaOnevisionAdapter(Adapter):
         else:
             return []
         return [[_Part("video", (frames, h, w), tail_newline=True)] for _ in range(num)]
+
+
+def _kept_slots(
+    part: _Part, slots: torch.Tensor, vis: torch.Tensor, item: VisualItemTokens
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The visual slots the compressed ``item`` fills and the newline slots that stay (module docstring)."""
+    n = item.num_tokens
+    fr = item.frames[0]
+    if part.row_newline:
+        _, h, w = part.grid
+        newlines = slots[torch.arange(h, device=slots.device) * (w + 1) + w]
+        if fr.is_grid:
+            h2, w2 = fr.shape
+            return vis.view(h, w)[:h2, :w2].reshape(-1), newlines[:h2]
+        return vis[:n], newlines[-1:]
+    return vis[:n], slots[-1:] if part.tail_newline else slots[:0]
+
+
+def _fill(results: list[VisionCallResult], record: VisionCallResult) -> None:
+    """Put the record of every item on the first result the prefill consumed (the others then hold none)."""
+    for k, res in enumerate(results):
+        src = record if k == 0 else VisionCallResult([], [], [], [])
+        for name in ("original_units", "units", "grids", "anchors", "features", "provenance", "events"):
+            setattr(res, name, getattr(src, name))
 
 
 def _runs(positions: torch.Tensor) -> list[torch.Tensor]:

@@ -392,6 +392,8 @@ class CompressionRun:
                 pid = pid.clone()
                 pid[-3:] += st.decode_shift.to(pid.device)[None, :, None]
                 kwargs["position_ids"] = pid
+            elif isinstance(pid, torch.Tensor) and pid.dim() == 2:  # 1-D RoPE (LLaVA, InternVL, LLaVA-OV)
+                kwargs["position_ids"] = pid + st.decode_shift.to(pid.device, pid.dtype)[:, None]
         if 0 in st.index_per_layer and isinstance(mask, torch.Tensor):
             # Layer 0's cache is short too, so the model sizes its masks from the compressed length; hand it
             # the 2-D mask restricted to the slots layer 0 holds plus the new tokens.
