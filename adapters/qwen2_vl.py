@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 
 from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
-from tokcomp.encoder import VisionCallResult, VisionSession
+from tokcomp.encoder import VisionCallResult, VisionSession, hidden_states_of, with_hidden_states
 from tokcomp.errors import RuntimeStateError
 from tokcomp.tokens import FrameGrid, VisualItemTokens
 
@@ -411,7 +411,7 @@ class _QwenVision:
             call = self.call
             if call is None:
                 return args, kwargs
-            hs = args[0] if args else kwargs["hidden_states"]
+            hs = hidden_states_of(args, kwargs)
             if i in self.session.encoder_blocks():
                 items = self._unpack(hs, i)
                 items = self.session.run("encoder", i, items)
@@ -427,11 +427,7 @@ class _QwenVision:
 
                     kwargs["tokcomp_bias"] = ChunkedBias(kw["log_size"])
                 call.tokens_per_block[i] = [it.num_tokens for it in call.items]
-            if args:
-                args = (hs, *args[1:])
-            else:
-                kwargs["hidden_states"] = hs
-            return args, kwargs
+            return with_hidden_states(args, kwargs, hs)
 
         return hook
 

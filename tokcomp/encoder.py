@@ -42,11 +42,26 @@ __all__ = [
     "compact_positions",
     "enable_bias_attention",
     "first_slots_input",
+    "hidden_states_of",
     "unit_frame",
+    "with_hidden_states",
 ]
 
 BIAS_PREFIX = "tokcomp_"
 """Prefix of the attention functions tokcomp registers with transformers (``tokcomp_sdpa``, ...)."""
+
+
+def hidden_states_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a module's forward pre-hook received (first positional, or the keyword)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden_states(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The (args, kwargs) a forward pre-hook returns to replace the module's hidden-states input."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    kwargs["hidden_states"] = hidden
+    return args, kwargs
 
 
 class ChunkedBias:
@@ -417,7 +432,7 @@ class RowTowerHooks:
             call = self.call
             if call is None:
                 return None
-            hs = args[0] if args else kwargs["hidden_states"]
+            hs = hidden_states_of(args, kwargs)
             if i in self.session.encoder_blocks():
                 items = self.session.run("encoder", i, self._unpack(hs, i))
                 hs = self._pack(items, hs)
@@ -425,11 +440,7 @@ class RowTowerHooks:
                 call.tokens_per_block[i] = [int(hs.shape[1])] * int(hs.shape[0])
             if i in call.record:
                 call.entering[i] = hs
-            if args:
-                args = (hs, *args[1:])
-            else:
-                kwargs["hidden_states"] = hs
-            return args, kwargs
+            return with_hidden_states(args, kwargs, hs)
 
         return hook
 

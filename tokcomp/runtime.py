@@ -35,7 +35,7 @@ from typing_extensions import Self
 
 from . import registry
 from .contracts import Adapter, LLMDecision, LLMStrategy, LLMView, Projections, SampleLayout
-from .encoder import BIAS_PREFIX, VisionSession, enable_bias_attention
+from .encoder import BIAS_PREFIX, VisionSession, enable_bias_attention, hidden_states_of, with_hidden_states
 from .errors import RuntimeStateError, ScheduleError, UnsupportedModelError
 from .report import Report, StageEvent
 from .schedule import ResolvedStage, Schedule, Stage
@@ -434,18 +434,14 @@ class CompressionRun:
             st = self._state
             if st is None:
                 return args, kwargs
-            hs = args[0] if args else kwargs["hidden_states"]
+            hs = hidden_states_of(args, kwargs)
             cache = kwargs.get("past_key_values")
             decode = cache is not None and st.cache is cache and cache.get_seq_length(i) > 0
             if decode:
                 kwargs = self._decode_kwargs(i, hs, kwargs)
             else:
                 hs, kwargs = self._prefill_layer(i, hs, kwargs)
-            if args:
-                args = (hs, *args[1:])
-            else:
-                kwargs["hidden_states"] = hs
-            return args, kwargs
+            return with_hidden_states(args, kwargs, hs)
 
         return hook
 
