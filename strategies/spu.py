@@ -124,7 +124,7 @@ def spu_scores(
 def _token_axis_scores(x: torch.Tensor, cutoff: float, score: str, groups: torch.Tensor) -> torch.Tensor:
     # Channels-first (D, n) makes the FFT run along contiguous memory and the per-token energies reduce
     # over rows: about twice as fast as filtering (n, D) along dim 0 on CPU.
-    xt = x.float().T.contiguous()
+    xt = x.T.contiguous().float()  # transpose in the input dtype: half the bytes to move
     out = torch.empty(x.shape[0], device=x.device)
     bounds = torch.searchsorted(groups, torch.unique_consecutive(groups)).tolist() + [x.shape[0]]
     if not bool((groups[1:] >= groups[:-1]).all()):
@@ -136,11 +136,12 @@ def _token_axis_scores(x: torch.Tensor, cutoff: float, score: str, groups: torch
         spec *= hamming_lowpass(spec.shape[1], n, cutoff, device=x.device)
         low = torch.fft.irfft(spec, n=n, dim=1)
         if score == "lowpass_share":
-            energy = torch.linalg.vector_norm(seg, dim=0).square()
-            share = torch.linalg.vector_norm(low, dim=0).square() / energy.clamp(min=1e-12)
+            # square().sum(0), not vector_norm(dim=0): the latter is ~50x slower on CPU for this layout
+            energy = seg.square().sum(0)
+            share = low.square().sum(0) / energy.clamp(min=1e-12)
             out[a:b] = torch.where(energy > 0, share, torch.ones_like(share))
         elif score == "residual":
-            out[a:b] = -torch.linalg.vector_norm(seg - low, dim=0).square()
+            out[a:b] = -(seg - low).square().sum(0)
         else:
             raise ValueError(f"unknown score {score!r}")
     return out
