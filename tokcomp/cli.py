@@ -1,4 +1,4 @@
-"""The ``tokcomp`` command line: ``tokcomp demo``, ``tokcomp list``."""
+"""The ``tokcomp`` command line: ``tokcomp demo``, ``list``, ``bench``, ``visualize``."""
 
 from __future__ import annotations
 
@@ -111,7 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--layers", type=int, default=8)
     demo.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sub.add_parser("list", help="registered strategies, adapters and presets")
+    from tokcomp import bench, viz  # measurement commands (tokcomp.bench, tokcomp.viz)
+
+    bench.add_arguments(sub.add_parser("bench", help="time a schedule against the uncompressed model"))
+    viz.add_arguments(sub.add_parser("visualize", help="draw which image patches survive each stage (PNG)"))
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench.cli(args)
+    if args.command == "visualize":
+        return viz.cli(args)
     if args.command == "demo":
         res = run_demo(args.arch, args.preset, args.new_tokens, args.layers)
         if args.json:

@@ -1,0 +1,137 @@
+"""`tokcomp.viz`: the patch maps are partitions consistent with the report, the picture is the one the
+model saw, and the PNGs are written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import cached_model
+from PIL import Image
+from tokcomp.strategies import OIM, SPU
+
+import tokcomp as tc
+from tokcomp import testing
+from tokcomp.cli import main
+from tokcomp.viz import provenance_figure, qwen_image_inputs, stage_provenance
+
+PICTURE = testing.make_image(448, 336, seed=3)  # 24 x 32 patches, 12 x 16 LLM tokens
+
+
+def check_partition(stage: dict, grid: tuple[int, int]) -> None:
+    """Every original patch appears exactly once, held by one token or removed (-1); token ids are dense
+    enough that the count of distinct holders is the stage's token count."""
+    h, w = grid
+    for m, tokens in zip(stage["maps"], stage["tokens"]):
+        assert m.dtype == torch.long and m.shape == (h * w,)
+        assert int(m.min()) >= -1
+        held = torch.unique(m[m >= 0])
+        assert held.numel() == tokens
+
+
+@pytest.fixture(scope="module")
+def luvc_maps():
+    model = cached_model("qwen2_vl", layers=8)
+    return model, stage_provenance(model, PICTURE, "luvc")
+
+
+def test_stages_in_order_and_partitions(luvc_maps):
+    _, d = luvc_maps
+    item = d["items"][0]
+    assert item["patch_grid"] == (24, 32)
+    sites = [s["site"] for s in d["stages"]]
+    assert sites[0] == "input" and "encoder" in sites and sites.index("llm-input") > sites.index("encoder")
+    assert sites[-1] == "llm"
+    for s in d["stages"]:
+        check_partition(s, item["patch_grid"])
+    assert d["stages"][0]["tokens"] == [768]
+    assert (d["stages"][0]["maps"][0] == torch.arange(768)).all()
+
+
+def test_counts_match_the_report(luvc_maps):
+    _, d = luvc_maps
+    rep = d["report"]
+    enc = [s for s in d["stages"] if s["site"] == "encoder"]
+    events = [e for e in rep.vision_events if e["site"] == "encoder"]
+    assert [s["tokens"][0] for s in enc] == [e["tokens_out"][0] for e in events]
+    llm_input = next(s for s in d["stages"] if s["site"] == "llm-input")
+    assert llm_input["tokens"] == [rep.original_visual[0]] == [rep.emitted_visual[0]]
+    for s in d["stages"]:
+        if s["site"] == "llm":
+            assert s["tokens"][0] == rep.visual_tokens[s["layer"]][0]
+
+
+def test_merged_groups_are_whole_and_removals_stick(luvc_maps):
+    _, d = luvc_maps
+    stages = d["stages"]
+    llm_input = next(s for s in stages if s["site"] == "llm-input")["maps"][0]
+    # OIM merged whole rows/columns before the 2x2 merger: every LLM token holds at least 4 patches
+    sizes = torch.bincount(llm_input)
+    assert int(sizes.min()) >= 4 and int(sizes.sum()) == 768
+    previous = llm_input
+    for s in (s for s in stages if s["site"] == "llm"):
+        m = s["maps"][0]
+        # pruning only: a patch keeps its token until the token goes, and never comes back
+        assert bool(((m == previous) | (m == -1)).all())
+        assert bool((m[previous == -1] == -1).all())
+        # a token is kept or removed with all of its patches
+        for t in torch.unique(previous[previous >= 0]):
+            group = m[previous == t]
+            assert bool((group == t).all()) or bool((group == -1).all())
+        previous = m
+
+
+def test_llm_only_schedule_merger_groups_are_2x2():
+    model = cached_model("qwen2_vl", layers=8)
+    d = stage_provenance(
+        model, PICTURE, tc.Schedule([tc.Stage(SPU(), site="llm", layers=range(2, 8))]), layers=[0, 4]
+    )
+    assert [s["site"] for s in d["stages"]] == ["input", "llm-input", "llm", "llm"]
+    m = d["stages"][1]["maps"][0].view(24, 32)
+    assert int(m[0, 0]) == int(m[1, 1]) == 0 and int(m[0, 2]) == 1 and int(m[2, 0]) == 16
+    assert (torch.bincount(m.reshape(-1)) == 4).all()
+    assert d["stages"][2]["tokens"] == [192]  # layer 0: before the first stage
+    assert d["stages"][3]["tokens"] == [d["report"].visual_tokens[4][0]]
+
+
+def test_qwen2_5_vl_and_an_encoder_only_schedule():
+    model = cached_model("qwen2_5_vl")
+    sched = tc.Schedule([tc.Stage(OIM(rate=0.25), site="encoder", layers=[1, 2])])
+    d = stage_provenance(model, PICTURE, sched)
+    enc = [s for s in d["stages"] if s["site"] == "encoder"]
+    assert len(enc) == 2 and enc[0]["tokens"][0] > enc[1]["tokens"][0]
+    for s in d["stages"]:
+        check_partition(s, d["items"][0]["patch_grid"])
+
+
+def test_picture_is_what_the_model_saw():
+    model = cached_model("qwen2_vl", layers=8)
+    d = stage_provenance(model, qwen_image_inputs(model, PICTURE), "spu")
+    pic = d["items"][0]["picture"]
+    assert pic.shape == (336, 448, 3)  # 448x336 is already a multiple of 28: not resized
+    original = np.asarray(PICTURE, dtype=np.float64) / 255.0
+    assert np.abs(pic - original).mean() < 0.01
+
+
+def test_other_architectures_are_refused():
+    model = cached_model("llava")
+    with pytest.raises(ValueError, match="Qwen2-VL"):
+        stage_provenance(model, testing.tiny_inputs("llava"), "spu")
+
+
+def test_figure_and_cli_write_pngs(tmp_path, luvc_maps):
+    model, _ = luvc_maps
+    fig = provenance_figure(model, PICTURE, "luvc")
+    assert len([ax for ax in fig.axes if ax.images]) >= 5
+    path = tmp_path / "fig.png"
+    fig.savefig(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    src = tmp_path / "in.png"
+    testing.make_image(300, 200, seed=5).save(src)
+    out = tmp_path / "out" / "viz.png"
+    assert main(["visualize", "--image", str(src), "--preset", "fastv", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.width > 600 and im.height > 200
+    demo = tmp_path / "demo.png"
+    assert main(["visualize", "--demo", "--out", str(demo)]) == 0
+    assert demo.stat().st_size > 20_000

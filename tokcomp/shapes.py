@@ -1,0 +1,579 @@
+"""Real model *shapes* with random weights, for benchmarks where the checkpoints are not available.
+
+Compute cost depends on shapes, not on weight values, so a model with the published widths, depths and
+heads of a real checkpoint, but random weights, costs what the real one costs. This module holds the
+published ``config.json`` values of four checkpoints and builds the matching ``transformers`` model, its
+processor and synthetic inputs of a requested visual-token count:
+
+| name | checkpoint (Hugging Face hub id) | LLM | vision tower |
+|---|---|---|---|
+| ``qwen2-vl-2b`` | ``Qwen/Qwen2-VL-2B-Instruct`` | 28 × 1536, 12 / 2 heads | ViT 32 × 1280 |
+| ``qwen2.5-vl-3b`` | ``Qwen/Qwen2.5-VL-3B-Instruct`` | 36 × 2048, 16 / 2 heads | ViT 32 × 1280 |
+| ``llava-ov-0.5b`` | ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf`` | 24 × 896, 14 / 2 | SigLIP 26 × 1152 |
+| ``internvl2.5-1b`` | ``OpenGVLab/InternVL2_5-1B`` | 24 × 896, 14 / 2 heads | InternViT 24 × 1024 |
+
+The values in `SHAPES` are transcribed from those checkpoints' published ``config.json`` files (for
+InternVL2.5-1B, the ``llm_config`` / ``vision_config`` of the original repository, mapped onto
+``transformers``' ``InternVLConfig`` field names). They were written from the published files, not
+downloaded here: nothing in this module touches the network.
+
+**Vocabulary.** Every shape is built with the 256-id vocabulary and the special-token ids of
+`tokcomp.testing`, so that its tokenizer and processors work unchanged. The vocabulary size does not
+change the cost of visual-token compression: the embedding is a table lookup, and a prefill needs the
+LM head for the last position only (``logits_to_keep=1``, what ``generate()`` does); decoding pays
+``2·D·V`` FLOPs per step for the head, the same with and without compression. The real vocabularies
+(151 936 ids for the Qwen models) are recorded in `ModelShape.published_vocab_size`.
+
+**Reduced depth.** ``layers`` and ``vision_blocks`` build fewer LLM layers / vision blocks than the
+checkpoint has, for quick runs on a CPU; every result that uses them must say so (`ModelShape.describe`).
+Qwen2.5-VL's full-attention blocks (``fullatt_block_indexes`` 7, 15, 23, 31) are kept where they fall
+inside the reduced tower, and the last block is always one, so every reduced tower mixes windowed and
+full attention like the real one.
+
+Example:
+    >>> from tokcomp.shapes import SHAPES, shape_config
+    >>> SHAPES["qwen2-vl-2b"].text["hidden_size"]
+    1536
+    >>> shape_config("qwen2-vl-2b", layers=2, vision_blocks=1).text_config.num_hidden_layers
+    2
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import (
+    BatchFeature,
+    GotOcr2ImageProcessorPil,
+    InternVLConfig,
+    LlavaOnevisionConfig,
+    LlavaOnevisionImageProcessorPil,
+    PreTrainedConfig,
+    PreTrainedModel,
+    ProcessorMixin,
+    Qwen2_5_VLConfig,
+    Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLImageProcessorPil,
+    SiglipVisionConfig,
+)
+from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
+    Qwen2_5_VLTextConfig,
+    Qwen2_5_VLVisionConfig,
+)
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
+
+from . import testing
+
+__all__ = [
+    "SHAPES",
+    "ModelShape",
+    "image_size_for",
+    "shape_config",
+    "shape_inputs",
+    "shape_model",
+    "shape_processor",
+]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The published shape of one checkpoint.
+
+    Attributes:
+        name: tokcomp's short name (``"qwen2-vl-2b"``).
+        checkpoint: The hub id whose ``config.json`` the values come from.
+        arch: The `tokcomp.testing` architecture whose vocabulary, tokenizer and processor class it uses.
+        text: Text-config values (``hidden_size``, ``num_hidden_layers``, ...).
+        vision: Vision-config values.
+        extra: Top-level config values (``image_grid_pinpoints``, ``downsample_ratio``, ...).
+        published_vocab_size: The checkpoint's vocabulary (not used: see the module docstring).
+        notes: Anything a reader of a benchmark should know about the transcription.
+    """
+
+    name: str
+    checkpoint: str
+    arch: str
+    text: dict[str, Any]
+    vision: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+    published_vocab_size: int = 0
+    notes: str = ""
+
+    @property
+    def num_layers(self) -> int:
+        """The checkpoint's LLM depth."""
+        return int(self.text["num_hidden_layers"])
+
+    @property
+    def num_vision_blocks(self) -> int:
+        """The checkpoint's vision-tower depth."""
+        return int(self.vision.get("depth", self.vision.get("num_hidden_layers", 0)))
+
+    def describe(self, layers: int | None = None, vision_blocks: int | None = None) -> str:
+        """One line for reports: the checkpoint, and the reduction if any (said loudly)."""
+        ll = self.num_layers if layers is None else layers
+        vb = self.num_vision_blocks if vision_blocks is None else vision_blocks
+        depth = f"LLM {ll}/{self.num_layers} layers, vision {vb}/{self.num_vision_blocks} blocks"
+        reduced = " (REDUCED DEPTH)" if (ll, vb) != (self.num_layers, self.num_vision_blocks) else ""
+        return f"{self.name}: shapes of {self.checkpoint}, random weights, tiny vocabulary; {depth}{reduced}"
+
+
+_OV_PINPOINTS = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]
+
+SHAPES: dict[str, ModelShape] = {
+    "qwen2-vl-2b": ModelShape(
+        name="qwen2-vl-2b",
+        checkpoint="Qwen/Qwen2-VL-2B-Instruct",
+        arch="qwen2_vl",
+        text={
+            "hidden_size": 1536,
+            "intermediate_size": 8960,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "mrope_section": [16, 24, 24],
+            "max_position_embeddings": 32768,
+            "hidden_act": "silu",
+            "tie_word_embeddings": True,
+        },
+        vision={
+            "depth": 32,
+            "embed_dim": 1280,
+            "hidden_size": 1536,
+            "mlp_ratio": 4,
+            "num_heads": 16,
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "hidden_act": "quick_gelu",
+        },
+        published_vocab_size=151936,
+    ),
+    "qwen2.5-vl-3b": ModelShape(
+        name="qwen2.5-vl-3b",
+        checkpoint="Qwen/Qwen2.5-VL-3B-Instruct",
+        arch="qwen2_5_vl",
+        text={
+            "hidden_size": 2048,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "mrope_section": [16, 24, 24],
+            "max_position_embeddings": 128000,
+            "hidden_act": "silu",
+            "tie_word_embeddings": True,
+        },
+        vision={
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "out_hidden_size": 2048,
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+            "tokens_per_second": 2,
+            "hidden_act": "silu",
+        },
+        published_vocab_size=151936,
+    ),
+    "llava-ov-0.5b": ModelShape(
+        name="llava-ov-0.5b",
+        checkpoint="llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+        arch="llava_onevision",
+        text={
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 32768,
+            "hidden_act": "silu",
+            "tie_word_embeddings": True,
+        },
+        vision={
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 26,
+            "num_attention_heads": 16,
+            "image_size": 384,
+            "patch_size": 14,
+            "hidden_act": "gelu_pytorch_tanh",
+            "vision_use_head": False,
+        },
+        extra={
+            "vision_feature_select_strategy": "full",
+            "vision_feature_layer": -1,
+            "vision_aspect_ratio": "anyres_max_9",
+            "image_grid_pinpoints": _OV_PINPOINTS,
+            "projector_hidden_act": "gelu",
+            "multimodal_projector_bias": True,
+        },
+        published_vocab_size=152000,
+        notes="SigLIP-so400m with its last layer removed (26 of 27 layers), as the -hf conversion ships it",
+    ),
+    "internvl2.5-1b": ModelShape(
+        name="internvl2.5-1b",
+        checkpoint="OpenGVLab/InternVL2_5-1B",
+        arch="internvl",
+        text={
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 32768,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+        },
+        vision={
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": [448, 448],
+            "patch_size": [14, 14],
+            "attention_bias": True,
+            "use_qk_norm": False,
+            "norm_type": "layer_norm",
+            "layer_norm_eps": 1e-6,
+            "layer_scale_init_value": 0.1,
+            "hidden_act": "gelu",
+        },
+        extra={
+            "downsample_ratio": 0.5,
+            "image_seq_length": 256,
+            "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "default",
+            "projector_hidden_act": "gelu",
+            "max_dynamic_patch": 12,
+        },
+        published_vocab_size=151674,
+        notes="InternViT-300M-448px-V2_5 + Qwen2.5-0.5B-Instruct; dynamic tiling up to 12 tiles + thumbnail",
+    ),
+}
+"""The four published shapes, by tokcomp's short name."""
+
+
+def _get(name: str) -> ModelShape:
+    if name not in SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
+    return SHAPES[name]
+
+
+def _full_attention_blocks(published: list[int], depth: int) -> list[int]:
+    kept = [i for i in published if i < depth]
+    if depth - 1 not in kept:
+        kept.append(depth - 1)
+    return sorted(kept)
+
+
+def shape_config(
+    name: str,
+    *,
+    layers: int | None = None,
+    vision_blocks: int | None = None,
+    attn_implementation: str = "sdpa",
+) -> PreTrainedConfig:
+    """The ``transformers`` config of a published shape, with `tokcomp.testing`'s vocabulary.
+
+    Args:
+        name: A key of `SHAPES`.
+        layers: LLM decoder layers to build (default: the checkpoint's depth).
+        vision_blocks: Vision-tower blocks to build (default: the checkpoint's depth).
+        attn_implementation: Attention backend of every sub-model.
+
+    Returns:
+        The composite config (``Qwen2VLConfig``, ``Qwen2_5_VLConfig``, ``LlavaOnevisionConfig`` or
+        ``InternVLConfig``).
+
+    Raises:
+        ValueError: If ``name`` is unknown or a depth is not positive.
+    """
+    shape = _get(name)
+    n_layers = shape.num_layers if layers is None else int(layers)
+    n_blocks = shape.num_vision_blocks if vision_blocks is None else int(vision_blocks)
+    if n_layers < 1 or n_blocks < 1:
+        raise ValueError(f"layers and vision_blocks must be >= 1, got {n_layers} and {n_blocks}")
+    tiny = testing.tiny_config(shape.arch)  # vocabulary and special ids
+    t = dict(shape.text)
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": t.pop("rope_theta")}
+    if "mrope_section" in t:
+        rope["mrope_section"] = t.pop("mrope_section")
+    text = dict(
+        t,
+        num_hidden_layers=n_layers,
+        vocab_size=tiny.text_config.vocab_size,
+        rope_parameters=rope,
+        bos_token_id=tiny.bos_token_id,
+        eos_token_id=tiny.eos_token_id,
+        pad_token_id=tiny.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    v = dict(shape.vision)
+    config: PreTrainedConfig
+    if shape.arch == "qwen2_vl":
+        v["depth"] = n_blocks
+        config = Qwen2VLConfig(
+            text_config=Qwen2VLTextConfig(**text),
+            vision_config=Qwen2VLVisionConfig(**v),
+            image_token_id=tiny.image_token_id,
+            video_token_id=tiny.video_token_id,
+            vision_start_token_id=tiny.vision_start_token_id,
+            vision_end_token_id=tiny.vision_end_token_id,
+        )
+    elif shape.arch == "qwen2_5_vl":
+        v["depth"] = n_blocks
+        v["fullatt_block_indexes"] = _full_attention_blocks(v["fullatt_block_indexes"], n_blocks)
+        config = Qwen2_5_VLConfig(
+            text_config=Qwen2_5_VLTextConfig(**text),
+            vision_config=Qwen2_5_VLVisionConfig(**v),
+            image_token_id=tiny.image_token_id,
+            video_token_id=tiny.video_token_id,
+            vision_start_token_id=tiny.vision_start_token_id,
+            vision_end_token_id=tiny.vision_end_token_id,
+        )
+    elif shape.arch == "llava_onevision":
+        v["num_hidden_layers"] = n_blocks
+        extra = dict(shape.extra)
+        config = LlavaOnevisionConfig(
+            text_config=Qwen2Config(**text),
+            vision_config=SiglipVisionConfig(**v),
+            image_token_index=tiny.image_token_id,
+            video_token_index=tiny.video_token_id,
+            **extra,
+        )
+    elif shape.arch == "internvl":
+        v["num_hidden_layers"] = n_blocks
+        extra = {k: val for k, val in shape.extra.items() if k != "max_dynamic_patch"}
+        config = InternVLConfig(
+            text_config=Qwen2Config(**text),
+            vision_config=InternVLVisionConfig(**v),
+            image_token_id=tiny.image_token_id,
+            tie_word_embeddings=False,
+            **extra,
+        )
+    else:  # pragma: no cover - SHAPES only names the four above
+        raise ValueError(f"no config builder for {shape.arch}")
+    config.pad_token_id = tiny.pad_token_id
+    config.bos_token_id = tiny.bos_token_id
+    config.eos_token_id = tiny.eos_token_id
+    config._attn_implementation = attn_implementation
+    return config
+
+
+@torch.no_grad()
+def _redraw(model: torch.nn.Module) -> None:
+    # The rule of tokcomp.testing.tiny_model: N(0, 1/fan_in) for matrices, N(0, 1) for embeddings, so
+    # activations stay near unit variance at any width (HF's 0.02 default gives near-uniform logits).
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)):
+            module.weight.normal_(0.0, 1.0 / math.sqrt(module.weight[0].numel()))
+        elif isinstance(module, torch.nn.Embedding):
+            module.weight.normal_(0.0, 1.0)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+
+
+def shape_model(
+    name: str,
+    *,
+    layers: int | None = None,
+    vision_blocks: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A random-weight model of a published shape, in eval mode.
+
+    Weights follow `tokcomp.testing.tiny_model`'s rule (``N(0, 1/fan_in)``); the caller's RNG state is
+    left unchanged. Building the full Qwen2-VL-2B shape (2.2 B parameters) takes tens of seconds on a CPU.
+
+    Args:
+        name: A key of `SHAPES`.
+        layers: LLM decoder layers (default: the checkpoint's depth).
+        vision_blocks: Vision-tower blocks (default: the checkpoint's depth).
+        dtype: Parameter dtype (bfloat16 by default: the fast CPU path with AVX512-BF16/AMX).
+        attn_implementation: ``"sdpa"`` or ``"eager"``.
+        seed: Weight seed.
+
+    Returns:
+        The ``...ForConditionalGeneration`` model.
+    """
+    config = shape_config(
+        name, layers=layers, vision_blocks=vision_blocks, attn_implementation=attn_implementation
+    )
+    cls = testing._MODEL_CLASSES[_get(name).arch]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls._from_config(config, dtype=dtype)
+        _redraw(model)
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.bos_token_id = config.bos_token_id
+    model.generation_config.eos_token_id = config.eos_token_id
+    return model.eval()
+
+
+def shape_processor(name: str, *, max_tiles: int | None = None) -> ProcessorMixin:
+    """The processor of a published shape: its real image-processing sizes with the tiny tokenizer.
+
+    * Qwen2-VL / Qwen2.5-VL: ``Qwen2VLImageProcessorPil`` with ``min_pixels`` 4·28² and ``max_pixels``
+      16384·28² (any image whose sides are multiples of 28 keeps its size: ``(H/28)·(W/28)`` tokens).
+    * LLaVA-OneVision: 384 px tiles, the 36 published pinpoints, ``anyres_max_9``, 729 tokens per tile.
+    * InternVL: 448 px tiles, dynamic tiling up to ``max_tiles`` (published default 12) plus a thumbnail,
+      256 tokens per tile.
+
+    Args:
+        name: A key of `SHAPES`.
+        max_tiles: InternVL only: the largest number of crops (default 12).
+
+    Returns:
+        The processor (the `tokcomp.testing` processor class of the architecture).
+    """
+    shape = _get(name)
+    tokenizer = testing.tiny_tokenizer(shape.arch)
+    cls = type(testing.tiny_processor(shape.arch))
+    if shape.arch in ("qwen2_vl", "qwen2_5_vl"):
+        ip = Qwen2VLImageProcessorPil(
+            min_pixels=28 * 28 * 4,
+            max_pixels=28 * 28 * 16384,
+            patch_size=14,
+            temporal_patch_size=2,
+            merge_size=2,
+        )
+        return cls(image_processor=ip, tokenizer=tokenizer, video_processor=None)
+    if shape.arch == "llava_onevision":
+        ov = LlavaOnevisionImageProcessorPil(
+            size={"height": 384, "width": 384}, image_grid_pinpoints=[list(p) for p in _OV_PINPOINTS]
+        )
+        return cls(
+            image_processor=ov,
+            tokenizer=tokenizer,
+            video_processor=None,
+            num_image_tokens=729,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+        )
+    tiles = int(shape.extra["max_dynamic_patch"] if max_tiles is None else max_tiles)
+    ip2 = GotOcr2ImageProcessorPil(
+        size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1, max_patches=tiles
+    )
+    return cls(image_processor=ip2, tokenizer=tokenizer, video_processor=None, image_seq_length=256)
+
+
+def image_size_for(name: str, visual_tokens: int) -> tuple[int, int, int, dict[str, Any]]:
+    """An image size giving about ``visual_tokens`` visual tokens in the LLM for a shape.
+
+    * Qwen: ``(H/28)·(W/28)`` tokens; the grid ``a × b`` (a ≤ b) closest to the request, as square as
+      possible.
+    * LLaVA-OneVision: an image of one of the 36 pinpoint sizes (no padding), whose AnyRes token count
+      (base tile 729 + unpadded grid + one newline per row, shrunk to ``anyres_max_9``) is closest.
+    * InternVL: ``256·(crops + 1 thumbnail)`` tokens; a ``rows × cols`` crop grid (448 px crops) closest to
+      the request.
+
+    Args:
+        name: A key of `SHAPES`.
+        visual_tokens: The requested number.
+
+    Returns:
+        ``(width, height, placeholder_tokens, details)``: ``placeholder_tokens`` is what the processor
+        writes into ``input_ids`` (LLaVA-OV: newline tokens included); ``details`` says how it was chosen.
+    """
+    shape = _get(name)
+    target = max(1, int(visual_tokens))
+    if shape.arch in ("qwen2_vl", "qwen2_5_vl"):
+        best: tuple[float, int, int] | None = None
+        for a in range(1, math.isqrt(target) + 2):
+            b = max(a, round(target / a))
+            key = (abs(a * b - target) / target + 0.001 * (b / a), a, b)
+            if best is None or key < best:
+                best = key
+        assert best is not None
+        _, a, b = best
+        return 28 * b, 28 * a, a * b, {"grid_tokens": (a, b)}
+    if shape.arch == "llava_onevision":
+        proc = shape_processor(name)
+        cands = []
+        for h, w in _OV_PINPOINTS:
+            n = proc._get_number_of_features(h, w, 384, 384)
+            cands.append((abs(n - target), h * w, w, h, n))
+        _, _, w, h, n = min(cands)
+        return w, h, n, {"tiles": (h // 384, w // 384)}
+    best2: tuple[int, float, int, int] | None = None
+    for rows in range(1, 9):
+        for cols in range(rows, 9):
+            tiles = rows * cols + (1 if rows * cols > 1 else 0)
+            key2 = (abs(256 * tiles - target), cols / rows, rows, cols)
+            if best2 is None or key2 < best2:
+                best2 = key2
+    assert best2 is not None
+    _, _, rows, cols = best2
+    tiles = rows * cols + (1 if rows * cols > 1 else 0)
+    return 448 * cols, 448 * rows, 256 * tiles, {"crops": (rows, cols), "max_tiles": rows * cols}
+
+
+def shape_inputs(
+    name: str,
+    visual_tokens: int,
+    *,
+    batch: int = 1,
+    prompt_words: int = 24,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> tuple[BatchFeature, dict[str, Any]]:
+    """Synthetic inputs for a shape: one `tokcomp.testing.make_image` picture per sample, sized by
+    `image_size_for`, and a prompt of ``prompt_words`` words after it.
+
+    Args:
+        name: A key of `SHAPES`.
+        visual_tokens: The requested visual tokens per sample.
+        batch: Samples (each with its own picture, same size).
+        prompt_words: Words of text after the image (plus the fixed two-word prefix of `tokcomp.testing`).
+        dtype: Pixel dtype (match the model's).
+        seed: Picture seed (sample ``i`` uses ``seed + i``).
+
+    Returns:
+        ``(inputs, info)``: the processor's ``BatchFeature``; ``info`` has the image size, the requested
+        and the placeholder token counts.
+    """
+    shape = _get(name)
+    width, height, _tokens, details = image_size_for(name, visual_tokens)
+    proc = shape_processor(name, max_tiles=details.get("max_tiles"))
+    image_prompt = testing._IMAGE_PROMPT[shape.arch]
+    words = " ".join(f"w{(7 * k + 3) % 200}" for k in range(prompt_words))
+    texts = [f"{testing._PROMPT_PREFIX} {image_prompt} {words}" for _ in range(batch)]
+    images: Any = [testing.make_image(width, height, seed=seed + i) for i in range(batch)]
+    if shape.arch == "llava_onevision":
+        images = [[im] for im in images]
+    inputs = proc(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(dtype)
+    image_id = testing.tiny_config(shape.arch).image_token_id if shape.arch != "llava_onevision" else 4
+    placeholders = int((inputs["input_ids"][0] == image_id).sum())
+    info = {
+        "shape": name,
+        "image_size": [width, height],
+        "requested_visual_tokens": int(visual_tokens),
+        "placeholder_tokens": placeholders,
+        "sequence_length": int(inputs["input_ids"].shape[1]),
+        "batch": batch,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in details.items()},
+    }
+    return inputs, info
