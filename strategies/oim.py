@@ -191,6 +191,28 @@ def _cosine(metric: Tensor) -> Tensor:
     return F.normalize(metric.to(torch.promote_types(metric.dtype, torch.float32)), dim=-1)
 
 
+def _neighbour_cosine(metric: Tensor, shift: int) -> Tensor:
+    """Cosine similarity (float32) of every token with the token ``shift`` columns to its right.
+
+    Args:
+        metric: ``(h, w, c)`` vectors.
+        shift: Column distance, ``< w``.
+
+    Returns:
+        ``(h, w - shift)``.
+    """
+    acc_dtype = torch.promote_types(metric.dtype, torch.float32)
+    # A few rows at a time: each chunk's float32 copy stays in cache, 3-4x faster than whole-grid temporaries
+    # on a 128 x 128 x 1280 grid.
+    rows = max(1, (1 << 19) // max(1, metric.shape[1] * metric.shape[2]))
+    out = []
+    for part in torch.split(metric, rows):
+        pf = part.to(acc_dtype)
+        norm = torch.linalg.vector_norm(pf, dim=-1).clamp(min=1e-12)
+        out.append(torch.linalg.vecdot(pf[:, :-shift], pf[:, shift:]) / (norm[:, :-shift] * norm[:, shift:]))
+    return torch.cat(out)
+
+
 def _merge_columns(
     x: Tensor, size: Tensor, pos: Tensor, target: Tensor, keep: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -222,6 +244,56 @@ def _merge_columns(
     rank = keep.long().cumsum(dim=1) - 1
     new_col = rank.gather(1, target)
     return new_x, new_size.to(size.dtype), new_pos, new_col
+
+
+def _merge_whole_columns(
+    x: Tensor, size: Tensor, pos: Tensor, src: Tensor, dst: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`_merge_columns` when every row merges the same columns: column ``src[i]`` into column ``dst[i]``.
+
+    Only the columns that take part in a merge are averaged (in float32); every other surviving column is
+    copied as it is, which on a large grid is most of the work saved.
+
+    Args:
+        x: ``(h, w, c)`` hidden states.
+        size: ``(h, w)`` sizes.
+        pos: ``(h, w, 2)`` positions.
+        src: ``(r,)`` the merged-away columns, distinct.
+        dst: ``(r,)`` the surviving column each of them goes to.
+
+    Returns:
+        As `_merge_columns`.
+    """
+    h, w, c = x.shape
+    dev = x.device
+    target = torch.arange(w, device=dev)
+    target[src] = dst
+    keep = torch.ones(w, dtype=torch.bool, device=dev)
+    keep[src] = False
+    new_col = keep.long().cumsum(0)[target] - 1  # (w,): the reduced-grid column of every old column
+    kept = keep.nonzero().squeeze(1)
+    # The columns of the merge groups (receivers and senders), and each one's group among the receivers.
+    receivers = torch.unique(dst)
+    members = torch.isin(target, receivers).nonzero().squeeze(1)
+    group = torch.searchsorted(receivers, target[members])
+
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    weight = size[:, members].to(acc_dtype)  # (h, m)
+    acc_size = torch.zeros(h, receivers.numel(), dtype=acc_dtype, device=dev).index_add_(1, group, weight)
+    acc_x = torch.zeros(h, receivers.numel(), c, dtype=acc_dtype, device=dev).index_add_(
+        1, group, x[:, members].to(acc_dtype) * weight[..., None]
+    )
+    acc_pos = torch.zeros(h, receivers.numel(), 2, dtype=acc_dtype, device=dev).index_add_(
+        1, group, pos[:, members].to(acc_dtype) * weight[..., None]
+    )
+    out_cols = new_col[receivers]
+    new_x = x[:, kept]
+    new_x[:, out_cols] = (acc_x / acc_size[..., None]).to(x.dtype)
+    new_size = size[:, kept]
+    new_size[:, out_cols] = acc_size.to(size.dtype)
+    new_pos = pos[:, kept]
+    new_pos[:, out_cols] = (acc_pos / acc_size[..., None]).to(pos.dtype)
+    return new_x, new_size, new_pos, new_col.expand(h, w)
 
 
 def _remap_owner(owner: Tensor, w: int, new_col: Tensor, axis: str, new_w: int) -> Tensor:
@@ -302,22 +374,15 @@ def oim_merge_lines(
     cmetric = _to_canonical(x if metric is None else metric, axis)
     h_c, w_c = csize.shape
 
-    unit = rearrange(_cosine(cmetric), "h (g m) c -> h g m c", m=multiple)
     # sim[g] compares super-line g with g + 1, line offset by line offset, averaged over the grid.
-    sim = (unit[:, :-1] * unit[:, 1:]).sum(dim=-1).mean(dim=(0, 2))
+    sim = rearrange(_neighbour_cosine(cmetric, multiple), "h (g m) -> h g m", m=multiple).mean(dim=(0, 2))
     a_idx, best, dst = _best_neighbour(sim, n_super)
     order = torch.sort(best, descending=True, stable=True).indices[:r_super]
     offsets = torch.arange(multiple, device=x.device)
     src_cols = (a_idx[order][:, None] * multiple + offsets).flatten()
     dst_cols = (dst[order][:, None] * multiple + offsets).flatten()
 
-    target = torch.arange(w_c, device=x.device)
-    target[src_cols] = dst_cols
-    keep = torch.ones(w_c, dtype=torch.bool, device=x.device)
-    keep[src_cols] = False
-    new_x, new_size, new_pos, new_col = _merge_columns(
-        cx, csize, cpos, target.expand(h_c, w_c), keep.expand(h_c, w_c)
-    )
+    new_x, new_size, new_pos, new_col = _merge_whole_columns(cx, csize, cpos, src_cols, dst_cols)
 
     new_w = new_x.shape[1] if axis == "width" else w
     new_owner = _remap_owner(owner, w, new_col, axis, new_w)

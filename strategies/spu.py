@@ -48,17 +48,61 @@ def hamming_lowpass(num_freqs: int, length: int, cutoff: float, device: torch.de
 
 
 def lowpass(x: torch.Tensor, cutoff: float, dim: int) -> torch.Tensor:
-    """Low-pass filter ``x`` along ``dim`` with `hamming_lowpass` (computed in float32: CPUs have no
-    bfloat16 FFT)."""
-    xf = x.float()
-    n = xf.shape[dim]
+    """Low-pass filter ``x`` along ``dim`` with `hamming_lowpass`: the circular (length-``n`` DFT) filter,
+    computed in float32 (CPUs have no bfloat16 FFT)."""
+    return _lowpass_last(x.float().movedim(dim, -1), cutoff).movedim(-1, dim)
+
+
+def _largest_prime_factor(n: int) -> int:
+    p, largest = 2, 1
+    while p * p <= n:
+        while n % p == 0:
+            n //= p
+            largest = p
+        p += 1
+    return max(largest, n) if n > 1 else largest
+
+
+def _is_smooth(n: int) -> bool:
+    for p in (2, 3, 5):
+        while n % p == 0:
+            n //= p
+    return n == 1
+
+
+def _fast_fft_length(n: int) -> int:
+    """The smallest even ``2^a 3^b 5^c`` at least ``n``: lengths the FFT handles at full speed."""
+    m = n + (n % 2)
+    while not _is_smooth(m):
+        m += 2
+    return m
+
+
+def _lowpass_last(x: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """`lowpass` along the last axis of float ``x``, exact for every length.
+
+    The token counts of a pruning cascade are arbitrary, and on CPU a real FFT of odd length, or of an even
+    length with a prime factor above ~64, runs 1.3-3x slower than one of twice that length that is even and
+    smooth (measured at 1536 channels, 100-3000 tokens). For those lengths the same circular filter is
+    therefore computed as a circular convolution with its kernel ``h = irfft(window)`` on a zero-padded
+    signal of a fast length ``M >= 2n - 1``: with ``h`` laid out periodically around index 0, the first
+    ``n`` outputs of the length-``M`` convolution are exactly the length-``n`` circular ones (the wrap-around
+    terms land in outputs ``n..M-1``, which are dropped).
+    """
+    n = x.shape[-1]
     if n == 0:
-        return xf
-    spec = torch.fft.rfft(xf, dim=dim)
-    w = hamming_lowpass(spec.shape[dim], n, cutoff, device=x.device)
-    shape = [1] * xf.dim()
-    shape[dim] = -1
-    return torch.fft.irfft(spec * w.view(shape), n=n, dim=dim)
+        return x
+    window = hamming_lowpass(n // 2 + 1, n, cutoff, device=x.device)
+    if n <= 64 or (n % 2 == 0 and _largest_prime_factor(n) <= 64):
+        return torch.fft.irfft(torch.fft.rfft(x, dim=-1) * window, n=n, dim=-1)
+    m = _fast_fft_length(2 * n - 1)
+    h = torch.fft.irfft(window, n=n)
+    kernel = torch.zeros(m, device=x.device)
+    kernel[:n] = h
+    kernel[m - n + 1:] = h[1:]
+    spec = torch.fft.rfft(x, n=m, dim=-1)
+    spec *= torch.fft.rfft(kernel)
+    return torch.fft.irfft(spec, n=m, dim=-1)[..., :n]
 
 
 def spu_scores(
@@ -131,10 +175,7 @@ def _token_axis_scores(x: torch.Tensor, cutoff: float, score: str, groups: torch
         raise ValueError("groups must be sorted (tokens of one item contiguous, in raster order)")
     for a, b in itertools.pairwise(bounds):
         seg = xt[:, a:b]
-        n = b - a
-        spec = torch.fft.rfft(seg, dim=1)
-        spec *= hamming_lowpass(spec.shape[1], n, cutoff, device=x.device)
-        low = torch.fft.irfft(spec, n=n, dim=1)
+        low = _lowpass_last(seg, cutoff)
         if score == "lowpass_share":
             # square().sum(0), not vector_norm(dim=0): the latter is ~50x slower on CPU for this layout
             energy = seg.square().sum(0)

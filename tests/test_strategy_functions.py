@@ -64,6 +64,24 @@ def test_lowpass_keeps_constant_signals_and_removes_alternation():
     assert lowpass(alt, 0.5, dim=0).abs().max() < 1e-5  # Nyquist is above any cutoff < 1
 
 
+def _dft_lowpass_matrix(n: int, cutoff: float) -> torch.Tensor:
+    """The circular low-pass as a dense ``n x n`` matrix, written from the DFT's definition in float64."""
+    w = hamming_lowpass(n // 2 + 1, n, cutoff).double()
+    full = torch.cat([w, w[1:(n + 1) // 2].flip(0)])  # real even window over all n bins
+    k = torch.arange(n, dtype=torch.float64)
+    F = torch.exp(-2j * math.pi * k[:, None] * k[None, :] / n)
+    return (F.conj().T @ torch.diag(full.to(torch.complex128)) @ F / n).real
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([1, 2, 7, 65, 97, 127, 128, 131, 150, 193, 240, 257]), st.floats(0.02, 1.0))
+def test_lowpass_is_the_dft_filter_for_every_length(n, cutoff):
+    # Lengths with large prime factors take the padded-convolution path; it must equal the length-n DFT filter.
+    x = torch.randn(n, 3, generator=torch.Generator().manual_seed(n))
+    want = _dft_lowpass_matrix(n, cutoff) @ x.double()
+    torch.testing.assert_close(lowpass(x, cutoff, dim=0).double(), want, atol=2e-5, rtol=1e-4)
+
+
 def test_spu_prefers_smooth_tokens():
     # a smooth ramp with one spike: the spike carries high-frequency energy and scores lowest
     x = torch.linspace(0, 1, 32)[:, None].repeat(1, 4) + 1.0

@@ -603,7 +603,10 @@ class CompressionRun:
         for b, r in enumerate(rows):
             slots[b, width - r.numel():] = r  # dead slots on the left, like left padding
         new_index = torch.where(slots >= 0, index.gather(1, slots.clamp(min=0)), torch.full_like(slots, -1))
-        hs = _gather(hs, slots, 1).masked_fill((slots < 0).unsqueeze(-1), 0)
+        hs = _gather(hs, slots, 1)
+        dead = slots < 0
+        if bool(dead.any()):  # a full copy of the hidden states: only when some sample has dead slots
+            hs = hs.masked_fill(dead.unsqueeze(-1), 0)
         if st.sizes is not None:
             st.sizes = _gather(st.sizes, slots, 1).masked_fill(slots < 0, 1.0)
             if bool((st.sizes == 1).all()):
