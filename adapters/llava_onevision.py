@@ -37,17 +37,40 @@ the newline tokens are found in the features themselves (rows equal to ``model.m
 are copies of it), which gives ``rows`` and ``cols`` of the AnyRes grid; videos are
 ``mm_encoder_outputs["video"].pooler_output`` of shape ``(videos, frames * h * w + 1, D)``.
 
-**Sites: ``projector`` and ``llm``; not ``encoder``.** The AnyRes grid exists only inside
-``pack_image_features``, which needs every tile at its full ``h0 x w0`` size, stitches the tiles, crops the
-padding away and may interpolate; a merge inside one SigLIP tile cannot be carried through that without
-reimplementing the packing for merged tiles, and spreading merged tokens back with zeros would let the
-crop and the interpolation mix them with the zeros. So the validator refuses ``encoder`` stages (its message
-names the sites this adapter supports).
+**Sites: ``encoder``, ``projector`` and ``llm``.**
+
+The **encoder** site runs inside the SigLIP tower (`tokcomp.encoder.RowTower`, ``canvas="first"``): every
+tile (the base image, each AnyRes tile, the one tile of a multi-image sample, each video frame) is one row of
+the tower's batch and one ``h0 x w0`` grid; a stage at block ``i`` merges inside each tile, and every tile of a
+call keeps the same number of tokens (OIM and downsample do). The tower's outputs are spread back to full
+rows so the model's own code runs unchanged; its packing of those rows is then discarded, and the merged
+tiles are packed by the model's rule applied to the merged grids (`pack_merged_anyres`, `pool_merged_frame`):
+
+* AnyRes: the merged tiles (``h' x w'`` each) are stitched into a ``rows*h' x cols*w'`` grid; the padding
+  is cropped by provenance: a stitched row (column) stays when some token in it covers a patch inside the
+  unpadded region the model computes (``unpad_image``), so no image content is ever cropped. When the
+  model would shrink the uncompressed grid to the ``anyres_max_N`` budget by a factor ``ratio``, the merged
+  grid is shrunk (bilinear, like the model) by the same factor, so the encoder's reduction carries through
+  to the LLM. Each row is followed by its newline: the newlines follow the new row count.
+* Base tile and the tile of a multi-image sample: the merged grid, then (multi-image) one newline.
+* Video: each merged frame pooled 2x2 (bilinear to ``ceil(h'/2) x ceil(w'/2)``, the model's
+  ``apply_pooling`` on the merged grid), frames in order, one newline.
+
+Stitching and pooling need a grid, so grid-breaking strategies (ToMe) are refused at this adapter's
+encoder site by the validator (they run at ``projector``). ``image_sizes`` and the AnyRes tile layout are
+only known inside ``get_image_features`` (``generate()`` passes them there and not to ``forward``), so for the
+duration of the ``with`` block the model instance's ``pack_image_features`` is wrapped by an instance
+attribute (the class is untouched; the attribute is deleted on exit): the wrapper calls the model's own
+method, then builds the merged packing from the same arguments. The result equals the unpatched model when
+the encoder stage merges nothing (tested), including the unpadding and the ``anyres_max`` interpolation.
+Provenance of the packed items maps each cell of the model's (uncompressed) packed grid to the token that
+holds it, through the nearest canvas patch where the model or tokcomp interpolates.
 
 The **projector** site runs on the packed features as they enter the LLM: in `llm_input`, which the runtime
 calls at the language model's input, every item of the layout above (base tile, AnyRes grid, the base tile
-of a multi-image sample, a video's frames) becomes one `tokcomp.tokens.VisualItemTokens` read off
-``inputs_embeds``; newline tokens are not part of any item. The projector stages run on them, and the
+of a multi-image sample, a video's frames) becomes one `tokcomp.tokens.VisualItemTokens`, read off
+``inputs_embeds`` (or, after encoder stages, the merged packing above); newline tokens are not part of any
+item. The projector stages run on them, and the
 compressed features are written back into ``inputs_embeds`` following the packing rule of the model:
 
 * AnyRes grid, new grid ``h' x w'``: the first ``w'`` slots of each of the first ``h'`` rows, each row still
@@ -65,22 +88,24 @@ compressed the same way. The report's items are the layout's items (newlines not
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     get_anyres_image_grid_shape,
     unpad_image,
 )
 
 from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
-from tokcomp.encoder import VisionCallResult, VisionSession, compact_positions
+from tokcomp.encoder import RowTower, RowTowerHooks, VisionCallResult, VisionSession, compact_positions
 from tokcomp.errors import RuntimeStateError
 from tokcomp.tokens import FrameGrid, VisualItemTokens
 
-__all__ = ["LlavaOnevisionAdapter"]
+__all__ = ["LlavaOnevisionAdapter", "pack_merged_anyres", "pool_merged_frame"]
 
 
 @dataclass(frozen=True)
@@ -113,11 +138,12 @@ class LlavaOnevisionAdapter(Adapter):
 
     name: ClassVar[str] = "llava_onevision"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaOnevisionForConditionalGeneration",)
-    # The projector works per token. (An encoder-side merge must still hand pack_image_features whole
-    # h0 x w0 tiles.)
-    grid_multiple: ClassVar[int] = 1
-    # encoder: not supported (module docstring); projector: on the packed LLM input
-    sites: ClassVar[frozenset[str]] = frozenset({"projector", "llm"})
+    grid_multiple: ClassVar[int] = 1  # the projector works per token
+    encoder_grid_reason: ClassVar[str] = (
+        "the merged tiles are stitched into the AnyRes grid and video frames are pooled 2x2"
+    )
+    # encoder: in the tiles, packed by the model's rule; projector: on the packed LLM input
+    sites: ClassVar[frozenset[str]] = frozenset({"encoder", "projector", "llm"})
 
     @property
     def language_model(self) -> torch.nn.Module:
@@ -143,20 +169,116 @@ class LlavaOnevisionAdapter(Adapter):
         return str(self.model.model.vision_tower.config._attn_implementation)
 
     def vision_attention_configs(self) -> list[Any]:
-        """None: no tower block runs after a projector-site stage, so no attention bias is ever needed."""
+        """None: SigLIP's attention does not pass extra kwargs on, so proportional attention's bias goes in
+        as the blocks' additive ``attention_mask`` (`tokcomp.encoder.RowTower.bias_in_mask`) and the
+        attention implementation never changes."""
         return []
 
     def install_vision(self, session: VisionSession) -> list[Any]:
-        """Mark every prefill call of the model, so that the runtime consults `llm_input` (where the stages
-        run) whether the features come from the tower or were passed in as ``mm_encoder_outputs``."""
+        """Mark every prefill call of the model, so that the runtime consults `llm_input` (where the
+        projector stages run) whether the features come from the tower or were passed in as
+        ``mm_encoder_outputs``; with encoder stages, also the row-tower hooks and the ``pack_image_features``
+        wrapper (module docstring)."""
         self._session = session
+        handles: list[Any] = []
+        if session.encoder_stages:
+            handles += self._install_encoder(session)
 
         def mark(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             cache = kwargs.get("past_key_values")
             if cache is None or cache.get_seq_length() == 0:
                 session.finish_call(VisionCallResult([], [], [], []))
 
-        return [self.model.register_forward_pre_hook(mark, with_kwargs=True)]
+        return [*handles, self.model.register_forward_pre_hook(mark, with_kwargs=True)]
+
+    def _install_encoder(self, session: VisionSession) -> list[Any]:
+        inner = self.model.model
+        tower = inner.vision_tower
+        blocks = list(tower.encoder.layers)
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            layer = min(int(v) % (len(blocks) + 1) for v in layer)
+        spec = RowTower(
+            tower=tower,
+            blocks=blocks,
+            attention=[b.self_attn for b in blocks],
+            keys=[b.self_attn.k_proj for b in blocks],
+            num_heads=int(tower.config.num_attention_heads),
+            grid=self.tile_grid,
+            prefix=0,  # SigLIP has no CLS token
+            projector=inner.multi_modal_projector,
+            feature_index=int(layer) % (len(blocks) + 1),
+            projector_stages=False,  # they run on the packed LLM input (llm_input)
+            bias_in_mask=True,
+        )
+        hooks = RowTowerHooks(spec, session)
+        hooks.check(f"the {self.name!r} adapter")
+        handles = hooks.install()
+        own = inner.pack_image_features  # the class's method, bound to this instance
+        adapter = self
+
+        @functools.wraps(own)
+        def pack_image_features(image_features: Any, image_sizes: Any, image_newline: Any = None,
+                                vision_aspect_ratio: str = "anyres_max_9") -> Any:
+            out = own(image_features, image_sizes, image_newline=image_newline,
+                      vision_aspect_ratio=vision_aspect_ratio)
+            if session.pending and not isinstance(session.pending[-1], _PackedImages):
+                tiles = [int(f.shape[0]) for f in image_features]
+                session.pending[-1] = adapter._pack_images(session.pending[-1], tiles, image_sizes,
+                                                           vision_aspect_ratio)
+            return out
+
+        inner.pack_image_features = pack_image_features
+        return [*handles, _InstanceAttribute(inner, "pack_image_features")]
+
+    def _pack_images(self, tiles: VisionCallResult, counts: list[int], image_sizes: Any,
+                     aspect: str) -> _PackedImages:
+        """The tower call's merged tiles packed per image (module docstring)."""
+        cfg = self.model.config
+        h0, w0 = self.tile_grid
+        max_tiles = int(str(aspect).removeprefix("anyres_max_"))
+        rows = [_tile_frame(tiles, j, (h0, w0)) for j in range(len(tiles.units))]
+        if sum(counts) != len(rows):
+            raise RuntimeStateError(f"{len(rows)} tiles came out of the tower, but the images have {counts}")
+        packed = _PackedImages([], [], [], [], encoder_tokens=tiles.encoder_tokens, events=tiles.events)
+        start = 0
+        for n, size in zip(counts, image_sizes):
+            own = rows[start:start + n]
+            groups = [[start]] if n == 1 else [[start], list(range(start + 1, start + n))]
+            packed.tokens.append([_group_tokens(tiles.encoder_tokens, g) for g in groups])
+            start += n
+            if n == 1:
+                packed.images.append([VisualItemTokens("image", [_owned_frame(*own[0], (h0, w0))], (1, h0, w0))])
+                continue
+            grid = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            xs = torch.stack([x for x, _ in own[1:]])
+            owners = torch.stack([o for _, o in own[1:]])
+            x, owner, original = pack_merged_anyres(xs, owners, tuple(grid), (h0, w0), size, max_tiles)
+            packed.images.append([
+                VisualItemTokens("image", [_owned_frame(*own[0], (h0, w0))], (1, h0, w0)),
+                VisualItemTokens("image", [_owned_frame(x, owner, original)], (1, *original)),
+            ])
+        return packed
+
+    def _pool_videos(self, results: list[VisionCallResult], call: dict[str, Any]
+                     ) -> list[tuple[VisualItemTokens, dict[int, int]]]:
+        """The video calls' merged frames, pooled 2x2 and grouped per video, each with its tokens entering
+        each encoder block."""
+        h0, w0 = self.tile_grid
+        frames = [_tile_frame(r, j, (h0, w0)) for r in results for j in range(len(r.units))]
+        blocks = sorted({b for r in results for b in r.encoder_tokens})
+        per_frame = {b: [n for r in results for n in r.encoder_tokens.get(b, [])] for b in blocks}
+        out, k = [], 0
+        for (part,) in self._video_parts(call):
+            t = part.grid[0]
+            if k + t > len(frames):
+                raise RuntimeStateError(f"the tower ran {len(frames)} video frames, fewer than the videos have")
+            pooled = [_owned_frame(*pool_merged_frame(x, o, (h0, w0))) for x, o in frames[k:k + t]]
+            out.append((VisualItemTokens("video", pooled, part.grid), _group_tokens(per_frame, range(k, k + t))))
+            k += t
+        if k != len(frames):
+            raise RuntimeStateError(f"the tower ran {len(frames)} video frames, the videos have {k}")
+        return out
 
     def llm_input(self, call: dict[str, Any], lm_kwargs: dict[str, Any], results: list[VisionCallResult]) -> LLMInput:
         """Run the projector stages on the packed features in ``inputs_embeds`` and compact the runs."""
@@ -170,17 +292,32 @@ class LlavaOnevisionAdapter(Adapter):
         mask = call.get("attention_mask")
         valid = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)
         placed = self._placed(call)
-        where, items = [], []
+        encoded = self._encoded_items(results, call) if session.encoder_stages else None
+        where, items, entering = [], [], []
         for b, parts in enumerate(placed):
             for part, slots in parts:
                 vis = slots[part.visual_offsets().to(slots.device)]
                 t, h, w = part.grid
-                x = embeds[b, vis].reshape(t, h, w, -1)
-                items.append(VisualItemTokens(part.kind, [FrameGrid.fresh(x[f]) for f in range(t)], part.grid))
+                if encoded is not None:
+                    item, tokens = next(encoded[part.kind], (None, {}))
+                    if item is None or item.original != part.grid:
+                        raise RuntimeStateError(
+                            f"the merged {part.kind} features do not match the prompt's {part.kind} layout "
+                            f"(expected a {part.grid} grid, got {None if item is None else item.original})"
+                        )
+                    items.append(item)
+                    entering.append(tokens)
+                else:
+                    x = embeds[b, vis].reshape(t, h, w, -1)
+                    items.append(VisualItemTokens(part.kind, [FrameGrid.fresh(x[f]) for f in range(t)], part.grid))
                 where.append((b, part, slots, vis))
+        encoder_events = [e for r in results for e in r.events] if encoded is not None else []
         items = session.run("projector", self.num_vision_blocks, items)
         record = VisionCallResult([], [], [], [])
         session.attach_events(record)
+        record.events = encoder_events + record.events
+        for block in sorted({b for tokens in entering for b in tokens}):
+            record.encoder_tokens[block] = [tokens.get(block, 0) for tokens in entering]
         keep = valid.clone()
         new_embeds = embeds.clone()
         layouts: list[list[tuple[VisualItem, torch.Tensor]]] = [[] for _ in placed]
@@ -208,11 +345,25 @@ class LlavaOnevisionAdapter(Adapter):
             )
             for lay in layouts
         ]
+        # Written back even when every slot stays: the values may have changed (after encoder stages the
+        # model's own packing of the spread-back tiles is replaced in every slot).
+        lm_kwargs["inputs_embeds"] = new_embeds
         if bool(keep[valid].all()):
             return LLMInput(out, keep)
-        lm_kwargs["inputs_embeds"] = new_embeds
         positions, shift = compact_positions(lm_kwargs.get("position_ids"), keep, valid)
         return LLMInput(out, keep, positions, shift)
+
+    def _encoded_items(self, results: list[VisionCallResult], call: dict[str, Any]) -> dict[str, Any]:
+        """Per kind, an iterator over the merged packed items in prompt order (images, then videos)."""
+        images = [
+            pair
+            for r in results if isinstance(r, _PackedImages)
+            for parts, tokens in zip(r.images, r.tokens)
+            for pair in zip(parts, tokens)
+        ]
+        tiles = [r for r in results if not isinstance(r, _PackedImages) and r.units]
+        videos = self._pool_videos(tiles, call) if tiles else []
+        return {"image": iter(images), "video": iter(videos)}
 
     # -- layout ------------------------------------------------------------------------------------------
     def layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
@@ -351,6 +502,168 @@ class LlavaOnevisionAdapter(Adapter):
         return [[_Part("video", (frames, h, w), tail_newline=True)] for _ in range(num)]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Packing merged tiles by the model's rule (pure tensor functions)
+
+
+def _nearest(i: torch.Tensor, n_from: int, n_to: int) -> torch.Tensor:
+    """Cell ``i`` of ``n_from`` cells mapped to the ``n_to``-cell axis whose cell covers its centre."""
+    return ((i.float() + 0.5) * n_to / n_from).floor().long().clamp(0, n_to - 1)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(h, w, D)`` resized bilinearly like the model's ``nn.functional.interpolate`` calls."""
+    return F.interpolate(x.permute(2, 0, 1)[None], list(size), mode="bilinear")[0].permute(1, 2, 0)
+
+
+def pack_merged_anyres(
+    tiles: torch.Tensor,
+    owners: torch.Tensor,
+    layout: tuple[int, int],
+    tile: tuple[int, int],
+    image_size: Any,
+    max_tiles: int,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Stitch, unpad and (if the model would) shrink merged AnyRes tiles; the model's rule on merged grids.
+
+    Args:
+        tiles: ``(rows * cols, h', w', D)`` the merged tiles in raster tile order.
+        owners: ``(rows * cols, h0 * w0)`` per tile, the merged cell (raster index into ``h' x w'``) holding
+            each original patch.
+        layout: ``(rows, cols)`` tiles (``get_anyres_image_grid_shape``).
+        tile: ``(h0, w0)`` patches per tile.
+        image_size: ``(height, width)`` of the picture, for ``unpad_image``.
+        max_tiles: ``N`` of ``anyres_max_N``.
+
+    Returns:
+        ``(x, owner, original)``: the packed grid ``(h'', w'', D)``; for each cell of the grid the model packs
+        from unmerged tiles (``original``, raster order), the index of the cell of ``x`` that holds it.
+    """
+    R, C = layout
+    h0, w0 = tile
+    n, h2, w2, D = tiles.shape
+    dev = tiles.device
+    if n != R * C:
+        raise RuntimeStateError(f"an AnyRes layout of {R}x{C} tiles, but {n} tiles came out of the tower")
+    # Where each canvas patch went: the stitched cell of the merged token that holds it.
+    rr = torch.arange(R * h0, device=dev)[:, None]
+    cc = torch.arange(C * w0, device=dev)[None, :]
+    own = owners.to(dev)[(rr // h0) * C + cc // w0, (rr % h0) * w0 + cc % w0]
+    s_row = (rr // h0) * h2 + own // w2
+    s_col = (cc // w0) * w2 + own % w2
+    # The model's own crop, read off a canvas of indices.
+    content = unpad_image(torch.arange(R * h0 * C * w0, device=dev).view(1, R * h0, C * w0), image_size)[0]
+    c_rows, c_cols = content[:, 0] // (C * w0), content[0] % (C * w0)
+    hc, wc = len(c_rows), len(c_cols)
+    keep_rows = _covering(s_row[c_rows][:, c_cols], R * h2, hc)
+    keep_cols = _covering(s_col[c_rows][:, c_cols], C * w2, wc)
+    stitched = tiles.view(R, C, h2, w2, D).permute(0, 2, 1, 3, 4).reshape(R * h2, C * w2, D)
+    x = stitched[keep_rows][:, keep_cols]
+    hk, wk = x.shape[:2]
+    ratio = math.sqrt(hc * wc / (max_tiles * h0**2))
+    original = (hc, wc)
+    final = (hk, wk)
+    if ratio > 1.1:  # the model shrinks the unmerged grid by `ratio`; the merged one shrinks by as much
+        original = (int(hc // ratio), int(wc // ratio))
+        final = (max(1, int(hk // ratio)), max(1, int(wk // ratio)))
+        x = _resize(x, final)
+    # Provenance: original packed cell -> its canvas patch -> stitched cell -> kept cell -> final cell.
+    oi = torch.arange(original[0], device=dev)[:, None]
+    oj = torch.arange(original[1], device=dev)[None, :]
+    pr, pc = c_rows[_nearest(oi, original[0], hc)], c_cols[_nearest(oj, original[1], wc)]
+    a = torch.searchsorted(keep_rows, s_row[pr, pc])
+    b = torch.searchsorted(keep_cols, s_col[pr, pc])
+    a, b = _nearest(a, hk, final[0]), _nearest(b, wk, final[1])
+    return x, (a * final[1] + b).reshape(-1), original
+
+
+def _covering(cells: torch.Tensor, n: int, limit: int) -> torch.Tensor:
+    """The stitched lines (of ``n``) that hold some content patch (``cells``: the line of each), at most
+    ``limit`` of them.
+
+    More than ``limit`` (the unmerged content's lines) happens only when one tile row or column is cropped
+    at both ends and its tiles merged different lines; the outer line holding fewer content patches is then
+    dropped until the grid fits the model's placeholder run.
+    """
+    counts = torch.bincount(cells.reshape(-1), minlength=n)
+    lines = (counts > 0).nonzero().squeeze(1)
+    while lines.numel() > limit:
+        lines = lines[1:] if counts[lines[0]] <= counts[lines[-1]] else lines[:-1]
+    return lines
+
+
+def pool_merged_frame(
+    x: torch.Tensor, owner: torch.Tensor, tile: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """A merged video frame pooled like the model's ``apply_pooling``: bilinear to half size, rounded up.
+
+    Args:
+        x: ``(h', w', D)`` the merged frame.
+        owner: ``(h0 * w0,)`` the merged cell holding each original patch.
+        tile: ``(h0, w0)``.
+
+    Returns:
+        ``(pooled, owner, original)``: the pooled frame; for each cell of the frame the model pools from the
+        unmerged tile (``original = (ceil(h0/2), ceil(w0/2))``), the pooled cell that holds it.
+    """
+    h0, w0 = tile
+    h2, w2 = x.shape[:2]
+    final = (math.ceil(h2 / 2), math.ceil(w2 / 2))
+    original = (math.ceil(h0 / 2), math.ceil(w0 / 2))
+    dev = x.device
+    oi = torch.arange(original[0], device=dev)[:, None]
+    oj = torch.arange(original[1], device=dev)[None, :]
+    cell = owner.to(dev)[_nearest(oi, original[0], h0) * w0 + _nearest(oj, original[1], w0)]
+    a, b = _nearest(cell // w2, h2, final[0]), _nearest(cell % w2, w2, final[1])
+    return _resize(x, final), (a * final[1] + b).reshape(-1), original
+
+
+def _owned_frame(x: torch.Tensor, owner: torch.Tensor, original: tuple[int, int]) -> FrameGrid:
+    """A `FrameGrid` whose sizes and positions follow from its provenance over an ``original`` grid."""
+    h, w = x.shape[:2]
+    n = h * w
+    coords = torch.stack(torch.meshgrid(torch.arange(original[0]), torch.arange(original[1]), indexing="ij"),
+                         -1).reshape(-1, 2).to(x.device, torch.float32)
+    counts = torch.bincount(owner, minlength=n).float()
+    pos = torch.zeros(n, 2, device=x.device).index_add_(0, owner, coords) / counts.clamp(min=1)[:, None]
+    # A token made by interpolation may hold no original cell under the nearest-cell map: size 1, no patch.
+    return FrameGrid(x, counts.clamp(min=1).view(h, w), pos.view(h, w, 2), owner)
+
+
+def _tile_frame(result: VisionCallResult, j: int, tile: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ``j`` of a tower call: its merged features as a grid and its provenance."""
+    grid = result.grids[j]
+    if grid is None:
+        raise RuntimeStateError("an encoder stage broke a tile's 2-D grid; the AnyRes packing needs it")
+    x = result.features[j].reshape(grid[1], grid[2], -1)
+    return x, result.provenance[j][0]
+
+
+@dataclass
+class _PackedImages(VisionCallResult):
+    """An image call's merged tiles, packed per image (``images[i]``: the image's items in prompt order;
+    ``tokens[i]``: per item, the tokens entering each encoder block, summed over its tiles)."""
+
+    images: list[list[VisualItemTokens]] = field(default_factory=list)
+    tokens: list[list[dict[int, int]]] = field(default_factory=list)
+
+
+def _group_tokens(per_row: dict[int, list[int]], rows: Any) -> dict[int, int]:
+    """Tokens entering each block summed over some rows of a tower call (the tiles or frames of one item)."""
+    return {block: sum(counts[j] for j in rows) for block, counts in per_row.items()}
+
+
+class _InstanceAttribute:
+    """Removes an attribute set on one object (a handle like torch's hook handles)."""
+
+    def __init__(self, obj: Any, name: str) -> None:
+        self.obj, self.name = obj, name
+
+    def remove(self) -> None:
+        """Delete the attribute (the class's own definition shows through again)."""
+        self.obj.__dict__.pop(self.name, None)
+
+
 def _kept_slots(
     part: _Part, slots: torch.Tensor, vis: torch.Tensor, item: VisualItemTokens
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,7 +684,8 @@ def _fill(results: list[VisionCallResult], record: VisionCallResult) -> None:
     """Put the record of every item on the first result the prefill consumed (the others then hold none)."""
     for k, res in enumerate(results):
         src = record if k == 0 else VisionCallResult([], [], [], [])
-        for name in ("original_units", "units", "grids", "anchors", "features", "provenance", "events"):
+        for name in ("original_units", "units", "grids", "anchors", "features", "provenance", "events",
+                     "encoder_tokens"):
             setattr(res, name, getattr(src, name))
 
 

@@ -93,6 +93,9 @@ def _unsupported() -> list[Any]:
             for site in SITES:
                 if site in s_cls.sites and site not in a_reg.obj.sites:
                     cases.append(pytest.param(s_name, a_name, archs[0], site, id=f"{s_name}-{a_name}-{site}"))
+    if not cases:  # test_an_adapter_without_a_site_rejects_it covers the message with a test-only adapter
+        cases.append(pytest.param(None, None, None, None, id="none",
+                                  marks=pytest.mark.skip(reason="every registered adapter supports every site")))
     return cases
 
 
@@ -316,6 +319,21 @@ def test_unsupported_site_fails_at_compress(strategy, adapter, arch, site):
     assert f"{adapter!r} adapter does not support the {site!r} site" in msg, msg
     assert "llm" in msg, "the message lists the sites the adapter supports"
     assert all_hooks(model) == hooks_before
+
+
+@pytest.mark.parametrize("site", ["encoder", "projector"])
+def test_an_adapter_without_a_site_rejects_it(site):
+    from tokcomp.adapters.llava import LlavaAdapter
+
+    class LLMOnly(LlavaAdapter):
+        name: ClassVar[str] = "test-llm-only"
+        sites: ClassVar[frozenset[str]] = frozenset({"llm"})
+
+    model = cached_model("llava")
+    with pytest.raises(tc.ScheduleError) as info:
+        tc.Schedule([_stage("oim", site)]).resolve(LLMOnly(model))
+    msg = str(info.value)
+    assert f"'test-llm-only' adapter does not support the {site!r} site" in msg and "llm" in msg, msg
 
 
 # --------------------------------------------------------------------------------------------------------

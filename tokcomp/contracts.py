@@ -283,6 +283,12 @@ class VisualStrategy(Strategy):
 
     def validate(self, stage: Stage, adapter: Adapter) -> None:
         """A grid-breaking strategy cannot feed a projector that needs the grid."""
+        if not self.preserves_grid and stage.site == "encoder" and adapter.encoder_grid_reason:
+            raise ScheduleError(
+                f"{self.name!r} merges tokens without keeping the 2-D grid, but the {adapter.name!r} adapter "
+                f"needs the grid after the encoder: {adapter.encoder_grid_reason}. Run it at site='projector', "
+                "or use a grid-preserving strategy ('oim', 'downsample') in the encoder."
+            )
         if not self.preserves_grid and stage.site == "encoder" and adapter.grid_multiple > 1:
             raise ScheduleError(
                 f"{self.name!r} merges tokens without keeping the 2-D grid, but the {adapter.name!r} projector "
@@ -342,12 +348,15 @@ class Adapter:
         model_classes: Names of the `transformers` classes it supports (for error messages).
         sites: The sites this adapter can hook.
         grid_multiple: The projector's grid unit: encoder-side merges must keep grid sides divisible by it.
+        encoder_grid_reason: Non-empty when what follows the encoder needs a 2-D grid even though the
+            projector works per token (it says why, for the validator's message).
     """
 
     name: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
     sites: ClassVar[frozenset[str]] = frozenset({"llm"})
     grid_multiple: ClassVar[int] = 1
+    encoder_grid_reason: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

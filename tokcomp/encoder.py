@@ -314,6 +314,11 @@ class RowTower:
         feature_index: The tower hidden state the LLM features are read from, as an index into
             ``hidden_states`` (``0``: the input of block 0, ``len(blocks)``: the last block's output); encoder
             stages must run at blocks ``<= feature_index``.
+        projector_stages: Run the projector-site stages on each row's projected tokens (False when the
+            adapter runs them elsewhere, e.g. LLaVA-OneVision on the packed LLM input).
+        bias_in_mask: Hand proportional attention's ``log size`` to the attention modules as their additive
+            ``attention_mask`` (for attention modules that do not pass extra kwargs on to the attention
+            function, e.g. SigLIP's); otherwise as the ``tokcomp_bias`` kwarg of ``tokcomp_sdpa``/``_eager``.
     """
 
     tower: nn.Module
@@ -327,6 +332,8 @@ class RowTower:
     unit: int = 1
     canvas: str = "first"
     feature_index: int | None = None
+    projector_stages: bool = True
+    bias_in_mask: bool = False
 
 
 def _hidden_state_indices(selection: Any, depth: int, last_block: int | None) -> set[int]:
@@ -424,7 +431,18 @@ class RowTowerHooks:
         call = self.call
         if call is None or call.bias is None:
             return None
-        kwargs["tokcomp_bias"] = RowBias(call.bias)
+        if not self.spec.bias_in_mask:
+            kwargs["tokcomp_bias"] = RowBias(call.bias)
+            return args, kwargs
+        hs = hidden_states_of(args, kwargs)
+        bias = call.bias[:, None, None, :].to(hs.dtype)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            kwargs["attention_mask"] = bias
+        elif mask.dtype == torch.bool:
+            kwargs["attention_mask"] = torch.zeros_like(bias).masked_fill(~mask, torch.finfo(hs.dtype).min) + bias
+        else:
+            kwargs["attention_mask"] = mask + bias
         return args, kwargs
 
     def _block_hook(self, i: int) -> Callable[..., tuple[tuple, dict] | None]:
@@ -550,9 +568,10 @@ class RowTowerHooks:
                     x = out[j, lead:].reshape(hu, wu, D)[: fr.shape[0] // m, : fr.shape[1] // m]
                 frame = unit_frame(x, fr, m)
             units.append(VisualItemTokens("image", [frame], (1, hu, wu)))
-        if self.session.projector_stages:
+        stages = bool(self.session.projector_stages) and self.spec.projector_stages
+        if stages:
             units = self.session.run("projector", self.depth, units)
-        changed = call.items is not None or bool(self.session.projector_stages)
+        changed = call.items is not None or stages
         new = out.clone() if changed else out
         result = VisionCallResult([hu * wu] * n, [], [], [])
         for j, it in enumerate(units):
