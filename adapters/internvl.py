@@ -50,7 +50,14 @@ from typing import Any, ClassVar
 import torch
 
 from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
-from tokcomp.encoder import RowTower, RowTowerHooks, VisionCallResult, VisionSession, first_slots_input
+from tokcomp.encoder import (
+    RowTower,
+    VisionCallResult,
+    VisionSession,
+    feature_index,
+    first_slots_input,
+    install_row_tower,
+)
 from tokcomp.errors import RuntimeStateError
 
 __all__ = ["InternVLAdapter"]
@@ -103,9 +110,6 @@ class InternVLAdapter(Adapter):
         vc = cfg.vision_config
         side, patch = _pair(vc.image_size), _pair(vc.patch_size)
         unit = round(1 / float(cfg.downsample_ratio))
-        layer = cfg.vision_feature_layer
-        if not isinstance(layer, int):
-            layer = min(int(v) % (len(blocks) + 1) for v in layer)
         spec = RowTower(
             tower=tower,
             blocks=blocks,
@@ -117,11 +121,9 @@ class InternVLAdapter(Adapter):
             projector=self.model.model.multi_modal_projector,
             unit=unit,
             canvas="corner",
-            feature_index=int(layer) % (len(blocks) + 1),
+            feature_index=feature_index(self.model.config.vision_feature_layer, len(blocks)),
         )
-        hooks = RowTowerHooks(spec, session)
-        hooks.check(f"the {self.name!r} adapter")
-        return hooks.install()
+        return install_row_tower(spec, session, f"the {self.name!r} adapter")
 
     def llm_input(self, call: dict[str, Any], lm_kwargs: dict[str, Any], results: list[VisionCallResult]) -> LLMInput:
         """Keep the first ``n'`` slots of every tile's run; renumber positions contiguously."""

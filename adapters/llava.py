@@ -47,7 +47,14 @@ from typing import Any, ClassVar
 import torch
 
 from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
-from tokcomp.encoder import RowTower, RowTowerHooks, VisionCallResult, VisionSession, first_slots_input
+from tokcomp.encoder import (
+    RowTower,
+    VisionCallResult,
+    VisionSession,
+    feature_index,
+    first_slots_input,
+    install_row_tower,
+)
 from tokcomp.errors import RuntimeStateError
 
 __all__ = ["LlavaAdapter"]
@@ -109,9 +116,6 @@ class LlavaAdapter(Adapter):
         """Row-tower hooks on the vision tower, its blocks and the projector (module docstring)."""
         tower = self.model.model.vision_tower
         blocks = list(self._tower_blocks)
-        layer = self.model.config.vision_feature_layer
-        if not isinstance(layer, int):
-            layer = min(int(v) % (len(blocks) + 1) for v in layer)
         spec = RowTower(
             tower=tower,
             blocks=blocks,
@@ -121,11 +125,9 @@ class LlavaAdapter(Adapter):
             grid=self.patch_grid,
             prefix=1 if self._tower_has_cls() else 0,
             projector=self.model.model.multi_modal_projector,
-            feature_index=int(layer) % (len(blocks) + 1),
+            feature_index=feature_index(self.model.config.vision_feature_layer, len(blocks)),
         )
-        hooks = RowTowerHooks(spec, session)
-        hooks.check(f"the {self.name!r} adapter")
-        return hooks.install()
+        return install_row_tower(spec, session, f"the {self.name!r} adapter")
 
     def llm_input(self, call: dict[str, Any], lm_kwargs: dict[str, Any], results: list[VisionCallResult]) -> LLMInput:
         """Keep the first ``n'`` placeholder slots of every image; renumber positions contiguously."""

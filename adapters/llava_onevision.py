@@ -101,7 +101,14 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
-from tokcomp.encoder import RowTower, RowTowerHooks, VisionCallResult, VisionSession, compact_positions
+from tokcomp.encoder import (
+    RowTower,
+    VisionCallResult,
+    VisionSession,
+    compact_positions,
+    feature_index,
+    install_row_tower,
+)
 from tokcomp.errors import RuntimeStateError
 from tokcomp.tokens import FrameGrid, VisualItemTokens
 
@@ -195,9 +202,6 @@ class LlavaOnevisionAdapter(Adapter):
         inner = self.model.model
         tower = inner.vision_tower
         blocks = list(tower.encoder.layers)
-        layer = self.model.config.vision_feature_layer
-        if not isinstance(layer, int):
-            layer = min(int(v) % (len(blocks) + 1) for v in layer)
         spec = RowTower(
             tower=tower,
             blocks=blocks,
@@ -207,13 +211,11 @@ class LlavaOnevisionAdapter(Adapter):
             grid=self.tile_grid,
             prefix=0,  # SigLIP has no CLS token
             projector=inner.multi_modal_projector,
-            feature_index=int(layer) % (len(blocks) + 1),
+            feature_index=feature_index(self.model.config.vision_feature_layer, len(blocks)),
             projector_stages=False,  # they run on the packed LLM input (llm_input)
             bias_in_mask=True,
         )
-        hooks = RowTowerHooks(spec, session)
-        hooks.check(f"the {self.name!r} adapter")
-        handles = hooks.install()
+        handles = install_row_tower(spec, session, f"the {self.name!r} adapter")
         own = inner.pack_image_features  # the class's method, bound to this instance
         adapter = self
 

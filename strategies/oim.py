@@ -372,7 +372,6 @@ def oim_merge_lines(
 
     cx, csize, cpos = (_to_canonical(t, axis) for t in (x, size, pos))
     cmetric = _to_canonical(x if metric is None else metric, axis)
-    h_c, w_c = csize.shape
 
     # sim[g] compares super-line g with g + 1, line offset by line offset, averaged over the grid.
     sim = rearrange(_neighbour_cosine(cmetric, multiple), "h (g m) -> h g m", m=multiple).mean(dim=(0, 2))

@@ -14,6 +14,7 @@ from conftest import cached_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokcomp.adapters.llava_onevision import pack_merged_anyres, pool_merged_frame
+from tokcomp.strategies import OIM
 from tokcomp.strategies.oim import init_grid_state, oim_merge_lines
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionForConditionalGeneration,
@@ -23,7 +24,6 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 
 import tokcomp as tc
 from tokcomp import testing
-from tokcomp.strategies import OIM
 
 D = 8
 SIZES = [(168, 224), (224, 168), (100, 300), (300, 100), (112, 112), (57, 113), (200, 61)]  # (height, width)

@@ -41,8 +41,10 @@ __all__ = [
     "VisionSession",
     "compact_positions",
     "enable_bias_attention",
+    "feature_index",
     "first_slots_input",
     "hidden_states_of",
+    "install_row_tower",
     "unit_frame",
     "with_hidden_states",
 ]
@@ -334,6 +336,22 @@ class RowTower:
     feature_index: int | None = None
     projector_stages: bool = True
     bias_in_mask: bool = False
+
+
+def feature_index(vision_feature_layer: int | Sequence[int], depth: int) -> int:
+    """The index into a tower's ``hidden_states`` (``depth + 1`` entries) that a model's
+    ``vision_feature_layer`` reads; the earliest one when it concatenates several."""
+    if isinstance(vision_feature_layer, int):
+        return vision_feature_layer % (depth + 1)
+    return min(int(v) % (depth + 1) for v in vision_feature_layer)
+
+
+def install_row_tower(spec: RowTower, session: VisionSession, where: str) -> list[Any]:
+    """Check ``spec`` against the session's encoder stages and install its `RowTowerHooks`; return the
+    handles. ``where`` names the caller in error messages (e.g. ``"the 'llava' adapter"``)."""
+    hooks = RowTowerHooks(spec, session)
+    hooks.check(where)
+    return hooks.install()
 
 
 def _hidden_state_indices(selection: Any, depth: int, last_block: int | None) -> set[int]:
