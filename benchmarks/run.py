@@ -197,7 +197,7 @@ def cases(quick: bool, device: str) -> list[Case]:
             small,
             None if gpu else 4,
             2048,
-            {"spu": "spu", "fastv": "fastv", "pact": "pact", "vtw": "vtw"},
+            {"luvc": "luvc", "spu": "spu", "fastv": "fastv", "pact": "pact", "vtw": "vtw"},
             repeats=2,
         ),
         Case(
@@ -207,7 +207,7 @@ def cases(quick: bool, device: str) -> list[Case]:
             None if gpu else 4,
             None if gpu else 2,
             8192,
-            {"spu": "spu", "fastv": "fastv", "pact": "pact", "vtw": "vtw"},
+            {"luvc": "luvc", "spu": "spu", "fastv": "fastv", "pact": "pact", "vtw": "vtw"},
             repeats=2,
         ),
         Case(
@@ -217,7 +217,7 @@ def cases(quick: bool, device: str) -> list[Case]:
             small,
             None if gpu else 4,
             2048,
-            {"spu": "spu", "fastv": "fastv", "pact": "pact", "vtw": "vtw"},
+            {"luvc": "luvc", "spu": "spu", "fastv": "fastv", "pact": "pact", "vtw": "vtw"},
             repeats=2,
         ),
         Case(
@@ -227,7 +227,7 @@ def cases(quick: bool, device: str) -> list[Case]:
             None if gpu else 4,
             None if gpu else 2,
             8192,
-            {"spu": "spu", "fastv": "fastv", "pact": "pact", "vtw": "vtw"},
+            {"luvc": "luvc", "spu": "spu", "fastv": "fastv", "pact": "pact", "vtw": "vtw"},
             repeats=2,
         ),
     ]
@@ -507,17 +507,22 @@ STATIC_NOTES = """\
 Measured with cProfile and `torch.profiler` at the commit above (`qwen2-vl-2b` shapes, bf16, 2k visual
 tokens, 28 LLM layers, one vision block, 1 thread):
 
-- **Strategy overhead is small against the whole model but not against the LLM alone.** With `luvc`,
-  `report.overhead_s` was 0.56 s per prefill against 5.4 s of compressed LLM prefill:
-    - OIM 0.27 s for its two iterations on 8,192 patches × 1,280 channels:
-      `strategies/oim.py::_merge_columns` 0.16 s (it converts the whole grid to float32, `scatter_add_`s
-      every column and boolean-indexes the result, although only the merged lines change) and `_cosine`
-      0.09 s (`F.normalize` of a float32 copy of the keys). The adapter's unpack/pack is ~0.03 s.
-    - SPU 0.29 s over 26 layers, ~85% of it `torch.fft.rfft` + `irfft` in
-      `strategies/spu.py::_token_axis_scores` (float32, ~4 ms each per layer at ~1k visual tokens ×
-      1,536 channels; there is no bf16 FFT on CPU). With `spu` alone (no OIM, twice the visual tokens)
-      the FFTs take ~17 ms per layer and the overhead is 0.6 s against 10.2 s of LLM prefill.
-    - The runtime's own bookkeeping (`_gather`, masks, `LLMView`) stays under 20 ms per prefill.
+- **Strategy overhead.** `report.overhead_s` of `luvc` per prefill, profiled with cProfile at the commit
+  above (1 thread): 0.19 s at 2k visual tokens (two vision blocks) and 0.40 s at 4k (one block), down from
+  0.30 s and 0.80 s before this session's changes:
+    - OIM, two iterations on 8,192 (16,384) patches × 1,280 channels: 0.02 s (0.07 s), was 0.07 s (0.40 s).
+      `strategies/oim.py::_merge_whole_columns` averages only the lines that merge, in float32, and copies
+      the others (the general `_merge_columns` converted the whole grid to float32 and `scatter_add_`ed
+      every column); `_neighbour_cosine` computes neighbour similarities a few rows at a time, so each
+      float32 chunk stays in cache (3-4x faster than whole-grid temporaries). Results are bit-identical.
+    - SPU over 26 layers: 0.14 s (0.29 s), ~80% of it the float32 FFTs of
+      `strategies/spu.py::_lowpass_last` (there is no bf16 FFT on CPU). The cascade's token counts are
+      arbitrary, and a real FFT of odd length, or of an even length with a large prime factor, runs 1.3-3x
+      slower than one of a smooth length; for those lengths the same circular filter is computed exactly as
+      a convolution on a zero-padded signal of an even 5-smooth length >= 2n-1 (tested against the DFT
+      matrix).
+    - The runtime's own bookkeeping (`_gather`, masks, `LLMView`) is ~0.03 s per prefill; the hidden
+      states are no longer copied by a `masked_fill` when no row has dead slots.
 - **Attention masks.** When a batch row has no padding, no dead slots and no merged tokens, the runtime
   hands SDPA no mask (its fused causal path, like the uncompressed model; checked on these runs: every LLM
   attention call of `spu` and `luvc` is mask-free). Strategies that merge in the LLM (PACT's proportional
