@@ -246,8 +246,6 @@ class LlavaOnevisionAdapter(Adapter):
         start = 0
         for n, size in zip(counts, image_sizes):
             own = rows[start:start + n]
-            groups = [[start]] if n == 1 else [[start], list(range(start + 1, start + n))]
-            packed.tokens.append([_group_tokens(tiles.encoder_tokens, g) for g in groups])
             start += n
             if n == 1:
                 packed.images.append([VisualItemTokens("image", [_owned_frame(*own[0], (h0, w0))], (1, h0, w0))])
@@ -262,21 +260,17 @@ class LlavaOnevisionAdapter(Adapter):
             ])
         return packed
 
-    def _pool_videos(self, results: list[VisionCallResult], call: dict[str, Any]
-                     ) -> list[tuple[VisualItemTokens, dict[int, int]]]:
-        """The video calls' merged frames, pooled 2x2 and grouped per video, each with its tokens entering
-        each encoder block."""
+    def _pool_videos(self, results: list[VisionCallResult], call: dict[str, Any]) -> list[VisualItemTokens]:
+        """The video calls' merged frames, pooled 2x2 and grouped per video."""
         h0, w0 = self.tile_grid
         frames = [_tile_frame(r, j, (h0, w0)) for r in results for j in range(len(r.units))]
-        blocks = sorted({b for r in results for b in r.encoder_tokens})
-        per_frame = {b: [n for r in results for n in r.encoder_tokens.get(b, [])] for b in blocks}
         out, k = [], 0
         for (part,) in self._video_parts(call):
             t = part.grid[0]
             if k + t > len(frames):
                 raise RuntimeStateError(f"the tower ran {len(frames)} video frames, fewer than the videos have")
             pooled = [_owned_frame(*pool_merged_frame(x, o, (h0, w0))) for x, o in frames[k:k + t]]
-            out.append((VisualItemTokens("video", pooled, part.grid), _group_tokens(per_frame, range(k, k + t))))
+            out.append(VisualItemTokens("video", pooled, part.grid))
             k += t
         if k != len(frames):
             raise RuntimeStateError(f"the tower ran {len(frames)} video frames, the videos have {k}")
@@ -295,20 +289,19 @@ class LlavaOnevisionAdapter(Adapter):
         valid = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)
         placed = self._placed(call)
         encoded = self._encoded_items(results, call) if session.encoder_stages else None
-        where, items, entering = [], [], []
+        where, items = [], []
         for b, parts in enumerate(placed):
             for part, slots in parts:
                 vis = slots[part.visual_offsets().to(slots.device)]
                 t, h, w = part.grid
                 if encoded is not None:
-                    item, tokens = next(encoded[part.kind], (None, {}))
+                    item = next(encoded[part.kind], None)
                     if item is None or item.original != part.grid:
                         raise RuntimeStateError(
                             f"the merged {part.kind} features do not match the prompt's {part.kind} layout "
                             f"(expected a {part.grid} grid, got {None if item is None else item.original})"
                         )
                     items.append(item)
-                    entering.append(tokens)
                 else:
                     x = embeds[b, vis].reshape(t, h, w, -1)
                     items.append(VisualItemTokens(part.kind, [FrameGrid.fresh(x[f]) for f in range(t)], part.grid))
@@ -318,8 +311,9 @@ class LlavaOnevisionAdapter(Adapter):
         record = VisionCallResult([], [], [], [])
         session.attach_events(record)
         record.events = encoder_events + record.events
-        for block in sorted({b for tokens in entering for b in tokens}):
-            record.encoder_tokens[block] = [tokens.get(block, 0) for tokens in entering]
+        for r in results:  # per tower row (tile or frame), images' calls before videos': the attention groups
+            for block, counts in r.encoder_tokens.items():
+                record.encoder_tokens.setdefault(block, []).extend(counts)
         keep = valid.clone()
         new_embeds = embeds.clone()
         layouts: list[list[tuple[VisualItem, torch.Tensor]]] = [[] for _ in placed]
@@ -357,12 +351,7 @@ class LlavaOnevisionAdapter(Adapter):
 
     def _encoded_items(self, results: list[VisionCallResult], call: dict[str, Any]) -> dict[str, Any]:
         """Per kind, an iterator over the merged packed items in prompt order (images, then videos)."""
-        images = [
-            pair
-            for r in results if isinstance(r, _PackedImages)
-            for parts, tokens in zip(r.images, r.tokens)
-            for pair in zip(parts, tokens)
-        ]
+        images = [part for r in results if isinstance(r, _PackedImages) for parts in r.images for part in parts]
         tiles = [r for r in results if not isinstance(r, _PackedImages) and r.units]
         videos = self._pool_videos(tiles, call) if tiles else []
         return {"image": iter(images), "video": iter(videos)}
@@ -643,16 +632,9 @@ def _tile_frame(result: VisionCallResult, j: int, tile: tuple[int, int]) -> tupl
 
 @dataclass
 class _PackedImages(VisionCallResult):
-    """An image call's merged tiles, packed per image (``images[i]``: the image's items in prompt order;
-    ``tokens[i]``: per item, the tokens entering each encoder block, summed over its tiles)."""
+    """An image call's merged tiles, packed per image (``images[i]``: the image's items in prompt order)."""
 
     images: list[list[VisualItemTokens]] = field(default_factory=list)
-    tokens: list[list[dict[int, int]]] = field(default_factory=list)
-
-
-def _group_tokens(per_row: dict[int, list[int]], rows: Any) -> dict[int, int]:
-    """Tokens entering each block summed over some rows of a tower call (the tiles or frames of one item)."""
-    return {block: sum(counts[j] for j in rows) for block, counts in per_row.items()}
 
 
 class _InstanceAttribute:

@@ -225,7 +225,9 @@ def test_batch_equals_samples_and_report(arch, attn, stages):
     assert rep.visual_tokens[-1] == [0, 0, 0]
     assert rep.vision_events
     if any(s.site == "encoder" for s in stages()):
-        assert rep.encoder_tokens and all(len(v) == len(rep.emitted_visual) for v in rep.encoder_tokens.values())
+        # one count per tower row: per image (LLaVA), per tile (InternVL), per tile or video frame (LLaVA-OV)
+        rows = 10 if arch == "llava_onevision" else len(rep.emitted_visual)  # OV: 1 + 4 | 1 | 1 | 3 frames
+        assert rep.encoder_tokens and all(len(v) == rows for v in rep.encoder_tokens.values())
     for i, single in enumerate(singles):
         n = single.sequences.shape[1] - GEN["max_new_tokens"]
         torch.testing.assert_close(out.logits[0][i], single.logits[0][0], atol=2e-4, rtol=1e-4)

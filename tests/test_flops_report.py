@@ -180,3 +180,23 @@ def test_without_inputs_other_towers_say_so():
     assert fb["vision"] is None
     assert any("inputs=" in n for n in fb["notes"])
     assert fb["total"]["compressed"] == fb["llm"]["compressed"]["total"]
+
+
+@pytest.mark.parametrize("arch, per_tile, merged", [("llava_onevision", 16, 12), ("internvl", 64 + 1, 48 + 1),
+                                                    ("llava", 16 + 1, 12 + 1)])
+def test_tiled_towers_count_merged_tiles_after_an_encoder_stage(arch, per_tile, merged):
+    """OIM at block 1 of 2 (one width merge: 4x4 -> 4x3 patches, InternVL 8x8 -> 8x6 with even sides): block 0
+    runs every tile at full size, block 1 on the merged tiles; attention is counted per tile."""
+    model = cached_model(arch)
+    inputs = testing.tiny_inputs(arch, [[testing.make_image(224, 168)]])
+    with torch.no_grad(), tc.compress(model, [tc.Stage(OIM(rate=0.25), site="encoder", layers=[1])]) as run:
+        model(**inputs)
+    fb = flops_breakdown(model, run.report(), inputs=inputs)
+    assert fb["vision"]["exact"], fb["notes"]
+    pv = inputs["pixel_values"]
+    tiles = int(pv.flatten(2).ne(0).any(-1).sum()) if pv.dim() == 5 else pv.shape[0]
+    hidden = model.config.vision_config.hidden_size
+    base, comp = fb["vision"]["baseline"]["layers"], fb["vision"]["compressed"]["layers"]
+    assert comp[0] == base[0]
+    assert comp[1]["attn_scores"] == 2 * tiles * merged * merged * hidden
+    assert base[1]["attn_scores"] == 2 * tiles * per_tile * per_tile * hidden

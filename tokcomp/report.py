@@ -45,7 +45,9 @@ class Report:
         num_prefills: Prefill calls seen by the run (one per ``generate()``).
         text_tokens: ``[sample]`` non-visual, non-padding tokens (never removed by LLM-side stages).
         encoder_tokens: ``{block: [item]}`` tokens entering each vision-encoder block from the first
-            encoder stage on (items of all tower calls in order: images, then videos).
+            encoder stage on (items of all tower calls in order: images, then videos). An item is what the
+            tower attends over as one group: an image or video (Qwen2-VL), an image (LLaVA), a tile
+            (InternVL), a tile or video frame (LLaVA-OneVision, whose LLM items are packed from several).
         vision_events: Every encoder/projector stage decision (stage, site, layer, tokens in/out per item).
         emitted_visual: ``[item]`` LLM tokens the vision tower emitted per item (after every vision stage).
         uncompressed_visual: ``[sample]`` visual tokens the LLM would get without any compression.
