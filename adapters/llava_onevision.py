@@ -353,6 +353,12 @@ class LlavaOnevisionAdapter(Adapter):
         """Per kind, an iterator over the merged packed items in prompt order (images, then videos)."""
         images = [part for r in results if isinstance(r, _PackedImages) for parts in r.images for part in parts]
         tiles = [r for r in results if not isinstance(r, _PackedImages) and r.units]
+        if not images and not tiles:
+            raise RuntimeStateError(
+                "the schedule has encoder stages but the vision tower did not run inside this tokcomp.compress "
+                "block (features passed as mm_encoder_outputs were computed without them); pass pixel values "
+                "to the model inside the with block"
+            )
         videos = self._pool_videos(tiles, call) if tiles else []
         return {"image": iter(images), "video": iter(videos)}
 

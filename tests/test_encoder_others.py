@@ -292,3 +292,17 @@ def test_validation_and_runtime_messages():
     hooks = all_hooks(early)
     fails(early, [tc.Stage(OIM(), site="encoder", layers=[1])], "hidden_states[0]", "blocks 0..0")
     assert all_hooks(early) == hooks and not getattr(early, "_tokcomp_active", False)
+
+
+@pytest.mark.parametrize("arch", ["llava", "internvl", "llava_onevision"])
+def test_encoder_stage_with_precomputed_features_says_so(arch):
+    """Features computed outside the with block cannot be merged in the encoder: a clear error, not a
+    silent run without compression."""
+    model = cached_model(arch)
+    inputs = _batch(arch)
+    with torch.no_grad(), tc.compress(model, [tc.Stage(Downsample(factor=1.0), site="projector")]) as run:
+        model(**inputs)  # an identity stage, so that the run records the features
+        shrunk = _shrunk(arch, model, inputs, run._state.vision)  # the unmerged features, as precomputed ones
+    with pytest.raises(tc.RuntimeStateError, match="did not run inside this tokcomp.compress block"), \
+            torch.no_grad(), tc.compress(model, [tc.Stage(OIM(rate=0.25), site="encoder", layers=[1])]):
+        model(**shrunk)
