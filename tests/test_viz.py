@@ -113,12 +113,6 @@ def test_picture_is_what_the_model_saw():
     assert np.abs(pic - original).mean() < 0.01
 
 
-def test_other_architectures_are_refused():
-    model = cached_model("llava")
-    with pytest.raises(ValueError, match="Qwen2-VL"):
-        stage_provenance(model, testing.tiny_inputs("llava"), "spu")
-
-
 def test_figure_and_cli_write_pngs(tmp_path, luvc_maps):
     model, _ = luvc_maps
     fig = provenance_figure(model, PICTURE, "luvc")
@@ -135,3 +129,31 @@ def test_figure_and_cli_write_pngs(tmp_path, luvc_maps):
     demo = tmp_path / "demo.png"
     assert main(["visualize", "--demo", "--out", str(demo)]) == 0
     assert demo.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("arch", ["llava", "internvl"])
+def test_row_towers_one_panel_row_per_image_or_tile(arch, tmp_path):
+    """LLaVA (one item per image) and InternVL (one per tile): partitions at every stage, token counts
+    equal to the report's, a merge at the encoder visible as fewer tokens, and the PNG written."""
+    model = cached_model(arch, layers=8)
+    d = stage_provenance(model, PICTURE, "luvc")
+    rep = d["report"]
+    items = d["items"]
+    assert len(items) == len(rep.emitted_visual)  # the sample's images (LLaVA) or tiles (InternVL)
+    for s in d["stages"]:
+        check_partition(s, items[0]["patch_grid"])
+    enc = next(s for s in d["stages"] if s["site"] == "encoder")
+    h, w = items[0]["patch_grid"]
+    assert all(t < h * w for t in enc["tokens"])
+    llm_input = next(s for s in d["stages"] if s["site"] == "llm-input")
+    assert llm_input["tokens"] == rep.emitted_visual
+    for s in d["stages"]:
+        if s["site"] == "llm":
+            assert sum(s["tokens"]) == rep.visual_tokens[s["layer"]][0]
+    assert main(["visualize", "--arch", arch, "--out", str(tmp_path / "v.png")]) == 0
+    assert Image.open(tmp_path / "v.png").size[0] > 200
+
+
+def test_unsupported_architecture_is_named():
+    with pytest.raises(ValueError, match="LLaVA-OneVision packs its tiles"):
+        stage_provenance(cached_model("llava_onevision"), PICTURE, "luvc")

@@ -15,7 +15,8 @@ Qwen2-VL), the token that holds it after that stage, or -1 once it is gone. Stag
 `provenance_figure` draws those maps over the picture: patches held by a token that stands for more than
 one patch share a colour and an outline, removed patches are greyed out.
 
-Architectures: Qwen2-VL and Qwen2.5-VL (their adapter records patch-level provenance). LLM-side merges
+Architectures: Qwen2-VL and Qwen2.5-VL (one panel row per image), LLaVA-1.5 (per image) and InternVL (per
+tile, thumbnail included): their adapters record patch-level provenance per tower item. LLM-side merges
 (PACT's clusters) are shown as the kept token only: the LLM site does not record cluster members.
 Internals used: the run's private state (``run._state``: the vision-call results and the sample's
 visual layout after encoder stages), until the runtime has a public accessor.
@@ -44,7 +45,11 @@ from PIL import Image
 
 from .bench import load_schedule
 
-__all__ = ["add_arguments", "cli", "provenance_figure", "qwen_image_inputs", "stage_provenance"]
+__all__ = ["SUPPORTED", "add_arguments", "cli", "image_inputs", "provenance_figure", "qwen_image_inputs",
+           "stage_provenance"]
+
+SUPPORTED: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava", "internvl")
+"""Model types `stage_provenance` can draw."""
 
 # OpenAI CLIP statistics: the Qwen2-VL image processor's defaults.
 _MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
@@ -88,6 +93,80 @@ def qwen_image_inputs(
     return inputs
 
 
+def image_inputs(model: torch.nn.Module, image: Image.Image, *, max_tokens: int = 256) -> Any:
+    """Processor outputs for one picture on a `tokcomp.testing` model of any architecture `stage_provenance`
+    supports: `qwen_image_inputs` for Qwen (resized to at most ``max_tokens`` LLM tokens), otherwise the
+    tiny processor of `tokcomp.testing.tiny_inputs` (LLaVA: one 4x4-patch image; InternVL: its tiles and
+    thumbnail), in the model's dtype."""
+    from . import testing
+
+    arch = getattr(model.config, "model_type", "")
+    if arch in ("qwen2_vl", "qwen2_5_vl"):
+        return qwen_image_inputs(model, image, max_tokens=max_tokens)
+    return testing.tiny_inputs(arch, [[image.convert("RGB")]], dtype=next(model.parameters()).dtype)
+
+
+def _qwen_items(model: torch.nn.Module, inputs: Mapping[str, Any], sample: int) -> tuple[list[dict], int]:
+    """The sample's images as Qwen's tower sees them (one item each), and the projector's merge size."""
+    cfg = model.config
+    vcfg = cfg.vision_config
+    merge, patch, temporal = int(vcfg.spatial_merge_size), int(vcfg.patch_size), int(vcfg.temporal_patch_size)
+    grids = inputs.get("image_grid_thw")
+    if grids is None:
+        raise ValueError("the inputs have no image_grid_thw: visualize needs images")
+    grids = [tuple(int(v) for v in g) for g in grids.tolist()]
+    ids = inputs["input_ids"]
+    per_sample = [int(n) for n in ((ids == cfg.image_token_id).sum(1)).tolist()]
+    # images of earlier samples come first in the tower call
+    first, counts, acc = 0, [t * h * w // merge**2 for t, h, w in grids], 0
+    while acc < sum(per_sample[:sample]):
+        acc += counts[first]
+        first += 1
+    mine = []
+    k, total = first, 0
+    while total < per_sample[sample]:
+        mine.append(k)
+        total += counts[k]
+        k += 1
+    if not mine:
+        raise ValueError(f"sample {sample} has no image")
+    offsets = [0, *np.cumsum([t * h * w for t, h, w in grids]).tolist()]
+    items = []
+    for j in mine:
+        _, h, w = grids[j]
+        pic = _picture_from_pixels(
+            inputs["pixel_values"][offsets[j] : offsets[j + 1]], grids[j], merge, patch, temporal
+        )
+        items.append({"tower_item": j, "patch_grid": (h, w), "picture": pic})
+    return items, merge
+
+
+def _row_items(model: torch.nn.Module, inputs: Mapping[str, Any], sample: int) -> tuple[list[dict], int]:
+    """The sample's images (LLaVA) or tiles (InternVL), one row of the tower's batch each, and the
+    projector's unit (InternVL's pixel shuffle reads 2x2 patches per token)."""
+    import tokcomp as tc
+
+    cfg = model.config
+    adapter = tc.find_adapter(model)
+    layouts = adapter.layouts(dict(inputs))
+    counts = [sum(1 for it in lay.items if it.kind == "image") for lay in layouts]
+    if not counts[sample]:
+        raise ValueError(f"sample {sample} has no image")
+    first = sum(counts[:sample])
+    pixels = inputs["pixel_values"]
+    grid = next(it.grid for it in layouts[sample].items if it.kind == "image")[1:]
+    unit = round(1 / float(cfg.downsample_ratio)) if hasattr(cfg, "downsample_ratio") else 1
+    patch_grid = (grid[0] * unit, grid[1] * unit)  # InternVL's layout counts units, the tower patches
+    items = []
+    for j in range(first, first + counts[sample]):
+        pic = pixels[j].float().permute(1, 2, 0).cpu().numpy()
+        # the processor's normalisation differs per model: stretch each picture to [0, 1] for display
+        pic = (pic - pic.min()) / max(float(pic.max() - pic.min()), 1e-6)
+        items.append({"tower_item": j, "patch_grid": patch_grid, "picture": pic, "name": "tile" if unit > 1
+                      else "image"})
+    return items, unit
+
+
 def _picture_from_pixels(
     pixel_values: torch.Tensor, grid: Sequence[int], merge: int, patch: int, temporal: int
 ) -> np.ndarray:
@@ -123,67 +202,45 @@ def stage_provenance(
     """The patch → token maps of every stage for the images of one sample.
 
     Args:
-        model: A Qwen2-VL / Qwen2.5-VL model (``...ForConditionalGeneration``).
+        model: A model of `SUPPORTED` (``...ForConditionalGeneration``): Qwen2-VL / Qwen2.5-VL (one item per
+            image), LLaVA-1.5 (one per image) or InternVL (one per tile, thumbnail included).
         inputs_or_image: Processor outputs (``input_ids``, ``pixel_values``, ``image_grid_thw``, ...), or a
-            PIL picture for a model built by `tokcomp.testing` (processed by `qwen_image_inputs`).
+            PIL picture for a model built by `tokcomp.testing` (processed by `image_inputs`).
         schedule: Anything `tokcomp.bench.load_schedule` accepts (a `Schedule`, a preset name, ...).
         layers: LLM layers to show (default: about four layers at which the visual-token count changes).
         sample: Which sample of the batch.
 
     Returns:
-        ``{"items": [...], "stages": [...], "report": Report}``. ``items[i]`` describes image ``i`` of the
-        sample: ``patch_grid`` ``(h, w)``, ``picture`` (``(h·14, w·14, 3)`` float array) and its index
-        among the tower's items. ``stages[k]`` has ``label``, ``site`` (``"input"``, ``"encoder"``,
+        ``{"items": [...], "stages": [...], "report": Report}``. ``items[i]`` describes image (or tile)
+        ``i`` of the sample: ``patch_grid`` ``(h, w)``, ``picture`` (``(h·p, w·p, 3)`` float array, ``p`` the
+        patch side in pixels) and its index among the tower's items (rows). ``stages[k]`` has ``label``, ``site`` (``"input"``, ``"encoder"``,
         ``"projector"``, ``"llm-input"``, ``"llm"``), ``layer`` and ``maps``: per image a LongTensor of
         ``h·w`` entries, the token holding each original patch after the stage (-1: removed); token ids
         are raster indices in the stage's grid (for LLM stages, in the image's LLM-input grid), and
         ``tokens``: per image, how many tokens are left.
 
     Raises:
-        ValueError: If the model is not a Qwen2-VL / Qwen2.5-VL model or the sample has no image.
+        ValueError: If the model is not of `SUPPORTED` or the sample has no image.
     """
     import tokcomp as tc
 
     cfg = model.config
-    if getattr(cfg, "model_type", "") not in ("qwen2_vl", "qwen2_5_vl"):
+    arch = getattr(cfg, "model_type", "")
+    if arch not in SUPPORTED:
         raise ValueError(
-            f"tokcomp.viz supports Qwen2-VL / Qwen2.5-VL (patch-level provenance); got {cfg.model_type!r}"
+            f"tokcomp.viz supports {', '.join(SUPPORTED)} (patch-level provenance per image or tile); got "
+            f"{arch!r}. LLaVA-OneVision packs its tiles into one AnyRes grid, which the panels do not draw."
         )
-    inputs = (
-        qwen_image_inputs(model, inputs_or_image)
-        if isinstance(inputs_or_image, Image.Image)
-        else inputs_or_image
-    )
+    if isinstance(inputs_or_image, Image.Image):
+        inputs = image_inputs(model, inputs_or_image)
+    else:
+        inputs = inputs_or_image
     sched = load_schedule(schedule)
-    vcfg = cfg.vision_config
-    merge, patch, temporal = int(vcfg.spatial_merge_size), int(vcfg.patch_size), int(vcfg.temporal_patch_size)
-    grids = inputs.get("image_grid_thw")
-    if grids is None:
-        raise ValueError("the inputs have no image_grid_thw: visualize needs images")
-    grids = [tuple(int(v) for v in g) for g in grids.tolist()]
-    ids = inputs["input_ids"]
-    per_sample = [int(n) for n in ((ids == cfg.image_token_id).sum(1)).tolist()]
-    # images of earlier samples come first in the tower call
-    first, counts, acc = 0, [t * h * w // merge**2 for t, h, w in grids], 0
-    while acc < sum(per_sample[:sample]):
-        acc += counts[first]
-        first += 1
-    mine = []
-    k, total = first, 0
-    while total < per_sample[sample]:
-        mine.append(k)
-        total += counts[k]
-        k += 1
-    if not mine:
-        raise ValueError(f"sample {sample} has no image")
-    offsets = [0, *np.cumsum([t * h * w for t, h, w in grids]).tolist()]
-    items = []
-    for j in mine:
-        _, h, w = grids[j]
-        pic = _picture_from_pixels(
-            inputs["pixel_values"][offsets[j] : offsets[j + 1]], grids[j], merge, patch, temporal
-        )
-        items.append({"tower_item": j, "patch_grid": (h, w), "picture": pic})
+    if arch in ("qwen2_vl", "qwen2_5_vl"):
+        items, merge = _qwen_items(model, inputs, sample)
+    else:
+        items, merge = _row_items(model, inputs, sample)
+    mine = [it["tower_item"] for it in items]
 
     with tc.compress(model, sched) as run:
         model(**inputs)
@@ -351,7 +408,7 @@ def provenance_figure(
     as its own token is left as it is. Panel titles give the stage and the tokens left.
 
     Args:
-        model: A Qwen2-VL / Qwen2.5-VL model.
+        model: A model of `SUPPORTED` (Qwen2-VL / Qwen2.5-VL, LLaVA-1.5, InternVL).
         processor_inputs_or_image: Processor outputs, or a PIL picture (see `stage_provenance`).
         schedule: The schedule (anything `tokcomp.bench.load_schedule` accepts).
         layers: LLM layers to show (default: about four where the count changes).
@@ -368,10 +425,10 @@ def provenance_figure(
     import matplotlib.pyplot as plt
 
     data = stage_provenance(model, processor_inputs_or_image, schedule, layers=layers, sample=sample)
-    patch = int(model.config.vision_config.patch_size)
     items, stages = data["items"], data["stages"]
     panels = [(s, k) for k in range(len(items)) for s in stages]
-    cols = min(columns, len(panels))
+    # several images or tiles: one row of panels each, when the stages fit on a row
+    cols = min(len(stages) if 1 < len(items) and len(stages) <= 8 else columns, len(panels))
     rows = math.ceil(len(panels) / cols)
     h0, w0 = items[0]["patch_grid"]
     aspect = h0 / w0
@@ -382,8 +439,9 @@ def provenance_figure(
         ax.axis("off")
     for ax, (stage, k) in zip(axes.ravel(), panels):
         it = items[k]
+        patch = it["picture"].shape[1] // it["patch_grid"][1]  # pixels per patch side in the picture drawn
         _draw(ax, it["picture"], stage["maps"][k], it["patch_grid"], patch)
-        name = stage["label"] + (f" (image {k})" if len(items) > 1 else "")
+        name = stage["label"] + (f" ({it.get('name', 'image')} {k})" if len(items) > 1 else "")
         removed = int((stage["maps"][k] < 0).sum())
         extra = f", {removed} patches gone" if removed else ""
         ax.set_title(f"{name}\n{stage['tokens'][k]} tokens{extra}", fontsize=8)
@@ -413,7 +471,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--arch",
         default="qwen2_vl",
-        choices=["qwen2_vl", "qwen2_5_vl"],
+        choices=list(SUPPORTED),
         help="tiny built-in model (random weights)",
     )
     p.add_argument("--llm-layers", type=int, default=8, help="depth of the tiny LLM")
@@ -428,7 +486,7 @@ def cli(args: argparse.Namespace) -> int:
 
     model = testing.tiny_model(args.arch, num_hidden_layers=args.llm_layers)
     image = Image.open(args.image).convert("RGB") if args.image else testing.make_image(448, 336, seed=3)
-    inputs = qwen_image_inputs(model, image, max_tokens=args.max_tokens)
+    inputs = image_inputs(model, image, max_tokens=args.max_tokens)
     spec = args.schedule or args.preset or "luvc"
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     fig = provenance_figure(
