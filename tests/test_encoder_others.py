@@ -129,6 +129,7 @@ def test_stages_doing_nothing_are_the_identity(arch, stage, attn):
     assert sum(rep.emitted_visual) == sum(rep.uncompressed_visual) == sum(rep.original_visual) > 0
     assert all_hooks(model) == hooks
     assert _vision_config(model)._attn_implementation == before
+    assert not any(name.startswith("pack_image_features") for name in vars(model.model))  # OV's wrapper is gone
 
 
 CARRY = [
