@@ -528,23 +528,24 @@ def machine_lines(
 STATIC_NOTES = """\
 ## Where the time goes (profiling notes)
 
-Measured with cProfile and `torch.profiler` at the commit above (`qwen2-vl-2b` shapes, bf16, 2k visual
-tokens, 28 LLM layers, one vision block, 1 thread):
+Measured with cProfile at the commit above (`qwen2-vl-2b` shapes, bf16, 28 LLM layers, 1 thread), outside
+the suite, on a quiet machine:
 
-- **Strategy overhead.** `report.overhead_s` of `luvc` per prefill, profiled with cProfile at the commit
-  above (1 thread): 0.19 s at 2k visual tokens (two vision blocks) and 0.40 s at 4k (one block), down from
-  0.30 s and 0.80 s before this session's changes:
-    - OIM, two iterations on 8,192 (16,384) patches × 1,280 channels: 0.02 s (0.07 s), was 0.07 s (0.40 s).
-      `strategies/oim.py::_merge_whole_columns` averages only the lines that merge, in float32, and copies
-      the others (the general `_merge_columns` converted the whole grid to float32 and `scatter_add_`ed
-      every column); `_neighbour_cosine` computes neighbour similarities a few rows at a time, so each
-      float32 chunk stays in cache (3-4x faster than whole-grid temporaries). Results are bit-identical.
-    - SPU over 26 layers: 0.14 s (0.29 s), ~80% of it the float32 FFTs of
-      `strategies/spu.py::_lowpass_last` (there is no bf16 FFT on CPU). The cascade's token counts are
-      arbitrary, and a real FFT of odd length, or of an even length with a large prime factor, runs 1.3-3x
-      slower than one of a smooth length; for those lengths the same circular filter is computed exactly as
-      a convolution on a zero-padded signal of an even 5-smooth length >= 2n-1 (tested against the DFT
-      matrix).
+- **Strategy overhead.** `report.overhead_s` of `luvc` per prefill: 0.18 s at 2k visual tokens (two vision
+  blocks) and 0.37 s at 4k (one block), down from 0.30 s and 0.80 s at the previous benchmark page:
+    - OIM, two iterations on 8,192 (16,384) patches × 1,280 channels: 0.02 s (0.07-0.09 s), was 0.07 s
+      (0.40 s). `strategies/oim.py::_merge_whole_columns` averages only the lines that merge, in float32,
+      and copies the others (the general `_merge_columns` converted the whole grid to float32 and
+      `scatter_add_`ed every column); `_neighbour_cosine` computes neighbour similarities a few rows at a
+      time, so each float32 chunk stays in cache (3-4x faster than whole-grid temporaries). Results are
+      bit-identical.
+    - SPU over 26 layers: 0.14 s (0.24 s), ~80% of it float32 FFTs (there is no bf16 FFT on CPU). The
+      cascade's token counts are arbitrary, and a real FFT of odd length, or of an even length with a large
+      prime factor, runs 1.3-3x slower than one of a smooth length; for those lengths
+      `strategies/spu.py::_lowpass_filter` computes the same circular filter exactly as a convolution on a
+      zero-padded signal of an even 5-smooth length >= 2n-1 (tested against the DFT matrix), and
+      `_token_axis_scores` filters 128 channels at a time so that each spectrum is reduced to per-token
+      energies while it is in cache.
     - The runtime's own bookkeeping (`_gather`, masks, `LLMView`) is ~0.03 s per prefill; the hidden
       states are no longer copied by a `masked_fill` when no row has dead slots.
 - **Attention masks.** When a batch row has no padding, no dead slots and no merged tokens, the runtime

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -79,7 +79,13 @@ def _fast_fft_length(n: int) -> int:
 
 
 def _lowpass_last(x: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """`lowpass` along the last axis of float ``x``, exact for every length.
+    """`lowpass` along the last axis of float ``x``, exact for every length (see `_lowpass_filter`)."""
+    n = x.shape[-1]
+    return _lowpass_filter(n, cutoff, x.device)(x) if n else x
+
+
+def _lowpass_filter(n: int, cutoff: float, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The `hamming_lowpass` circular filter for length-``n`` signals along the last axis (float input).
 
     The token counts of a pruning cascade are arbitrary, and on CPU a real FFT of odd length, or of an even
     length with a prime factor above ~64, runs 1.3-3x slower than one of twice that length that is even and
@@ -89,20 +95,22 @@ def _lowpass_last(x: torch.Tensor, cutoff: float) -> torch.Tensor:
     ``n`` outputs of the length-``M`` convolution are exactly the length-``n`` circular ones (the wrap-around
     terms land in outputs ``n..M-1``, which are dropped).
     """
-    n = x.shape[-1]
-    if n == 0:
-        return x
-    window = hamming_lowpass(n // 2 + 1, n, cutoff, device=x.device)
+    window = hamming_lowpass(n // 2 + 1, n, cutoff, device=device)
     if n <= 64 or (n % 2 == 0 and _largest_prime_factor(n) <= 64):
-        return torch.fft.irfft(torch.fft.rfft(x, dim=-1) * window, n=n, dim=-1)
+        return lambda x: torch.fft.irfft(torch.fft.rfft(x, dim=-1) * window, n=n, dim=-1)
     m = _fast_fft_length(2 * n - 1)
     h = torch.fft.irfft(window, n=n)
-    kernel = torch.zeros(m, device=x.device)
+    kernel = torch.zeros(m, device=device)
     kernel[:n] = h
     kernel[m - n + 1:] = h[1:]
-    spec = torch.fft.rfft(x, n=m, dim=-1)
-    spec *= torch.fft.rfft(kernel)
-    return torch.fft.irfft(spec, n=m, dim=-1)[..., :n]
+    response = torch.fft.rfft(kernel)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        spec = torch.fft.rfft(x, n=m, dim=-1)
+        spec *= response
+        return torch.fft.irfft(spec, n=m, dim=-1)[..., :n]
+
+    return apply
 
 
 def spu_scores(
@@ -166,26 +174,40 @@ def spu_scores(
 
 
 def _token_axis_scores(x: torch.Tensor, cutoff: float, score: str, groups: torch.Tensor) -> torch.Tensor:
-    # Channels-first (D, n) makes the FFT run along contiguous memory and the per-token energies reduce
-    # over rows: about twice as fast as filtering (n, D) along dim 0 on CPU.
-    xt = x.T.contiguous().float()  # transpose in the input dtype: half the bytes to move
-    out = torch.empty(x.shape[0], device=x.device)
-    bounds = torch.searchsorted(groups, torch.unique_consecutive(groups)).tolist() + [x.shape[0]]
+    if score not in ("lowpass_share", "residual"):
+        raise ValueError(f"unknown score {score!r}")
     if not bool((groups[1:] >= groups[:-1]).all()):
         raise ValueError("groups must be sorted (tokens of one item contiguous, in raster order)")
+    # Channels-first (D, n) makes the FFT run along contiguous memory and the per-token energies reduce
+    # over rows: about twice as fast as filtering (n, D) along dim 0 on CPU.
+    xt = x.T.contiguous()  # transpose in the input dtype: half the bytes to move
+    out = torch.empty(x.shape[0], device=x.device)
+    bounds = torch.searchsorted(groups, torch.unique_consecutive(groups)).tolist() + [x.shape[0]]
     for a, b in itertools.pairwise(bounds):
-        seg = xt[:, a:b]
-        low = _lowpass_last(seg, cutoff)
+        n = b - a
+        filt = _lowpass_filter(n, cutoff, x.device)
+        kept = torch.zeros(n, device=x.device)  # low-pass energy (share) or high-pass energy (residual)
+        energy = torch.zeros(n, device=x.device)
+        # A few channels at a time: each chunk's spectrum stays in cache and is reduced to per-token
+        # energies at once (1.2-1.7x faster than filtering all 1536 channels in one call at 1-2k tokens).
+        # square().sum(0), not vector_norm(dim=0): the latter is ~50x slower on CPU for this layout.
+        for part in torch.split(xt[:, a:b], _CHANNEL_CHUNK):
+            seg = part.float()
+            low = filt(seg)
+            if score == "lowpass_share":
+                kept += low.square().sum(0)
+                energy += seg.square().sum(0)
+            else:
+                kept += (seg - low).square().sum(0)
         if score == "lowpass_share":
-            # square().sum(0), not vector_norm(dim=0): the latter is ~50x slower on CPU for this layout
-            energy = seg.square().sum(0)
-            share = low.square().sum(0) / energy.clamp(min=1e-12)
+            share = kept / energy.clamp(min=1e-12)
             out[a:b] = torch.where(energy > 0, share, torch.ones_like(share))
-        elif score == "residual":
-            out[a:b] = -(seg - low).square().sum(0)
         else:
-            raise ValueError(f"unknown score {score!r}")
+            out[a:b] = -kept
     return out
+
+
+_CHANNEL_CHUNK = 128
 
 
 def _radial_window(h: int, w: int, cutoff: float, device: torch.device) -> torch.Tensor:
