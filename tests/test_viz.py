@@ -131,20 +131,21 @@ def test_figure_and_cli_write_pngs(tmp_path, luvc_maps):
     assert demo.stat().st_size > 20_000
 
 
-@pytest.mark.parametrize("arch", ["llava", "internvl"])
+@pytest.mark.parametrize("arch", ["llava", "internvl", "llava_onevision"])
 def test_row_towers_one_panel_row_per_image_or_tile(arch, tmp_path):
-    """LLaVA (one item per image) and InternVL (one per tile): partitions at every stage, token counts
-    equal to the report's, a merge at the encoder visible as fewer tokens, and the PNG written."""
+    """LLaVA (one item per image), InternVL (one per tile), LLaVA-OneVision (base tile and AnyRes grid):
+    partitions at every stage, token counts equal to the report's, a merge at the encoder visible as fewer
+    tokens, and the PNG written."""
     model = cached_model(arch, layers=8)
     d = stage_provenance(model, PICTURE, "luvc")
     rep = d["report"]
     items = d["items"]
-    assert len(items) == len(rep.emitted_visual)  # the sample's images (LLaVA) or tiles (InternVL)
+    assert len(items) == len(rep.emitted_visual)  # the sample's LLM items
     for s in d["stages"]:
-        check_partition(s, items[0]["patch_grid"])
+        for k, it in enumerate(items):
+            check_partition({"maps": [s["maps"][k]], "tokens": [s["tokens"][k]]}, it["patch_grid"])
     enc = next(s for s in d["stages"] if s["site"] == "encoder")
-    h, w = items[0]["patch_grid"]
-    assert all(t < h * w for t in enc["tokens"])
+    assert all(t < it["patch_grid"][0] * it["patch_grid"][1] for t, it in zip(enc["tokens"], items))
     llm_input = next(s for s in d["stages"] if s["site"] == "llm-input")
     assert llm_input["tokens"] == rep.emitted_visual
     for s in d["stages"]:
@@ -154,6 +155,15 @@ def test_row_towers_one_panel_row_per_image_or_tile(arch, tmp_path):
     assert Image.open(tmp_path / "v.png").size[0] > 200
 
 
-def test_unsupported_architecture_is_named():
-    with pytest.raises(ValueError, match="LLaVA-OneVision packs its tiles"):
-        stage_provenance(cached_model("llava_onevision"), PICTURE, "luvc")
+def test_onevision_anyres_panel_is_the_packed_grid():
+    """The AnyRes panel has the model's packed grid (its placeholder run's rows and columns) and, without a
+    vision stage, one token per cell."""
+    model = cached_model("llava_onevision", layers=8)
+    d = stage_provenance(model, PICTURE, "spu")
+    base, grid = d["items"]
+    lay = tc.find_adapter(model).layouts(dict(testing.tiny_inputs("llava_onevision", [[PICTURE]])))[0]
+    assert [base["patch_grid"], grid["patch_grid"]] == [tuple(it.grid[1:]) for it in lay.items]
+    llm_input = next(s for s in d["stages"] if s["site"] == "llm-input")
+    h, w = grid["patch_grid"]
+    assert llm_input["tokens"] == [16, h * w]
+    assert grid["picture"].shape[:2] == (h * 14, w * 14)

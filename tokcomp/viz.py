@@ -15,8 +15,9 @@ Qwen2-VL), the token that holds it after that stage, or -1 once it is gone. Stag
 `provenance_figure` draws those maps over the picture: patches held by a token that stands for more than
 one patch share a colour and an outline, removed patches are greyed out.
 
-Architectures: Qwen2-VL and Qwen2.5-VL (one panel row per image), LLaVA-1.5 (per image) and InternVL (per
-tile, thumbnail included): their adapters record patch-level provenance per tower item. LLM-side merges
+Architectures: Qwen2-VL and Qwen2.5-VL (one panel row per image), LLaVA-1.5 (per image), InternVL (per
+tile, thumbnail included) and LLaVA-OneVision (base tile and packed AnyRes grid): their adapters record
+patch-level provenance per tower item. LLM-side merges
 (PACT's clusters) are shown as the kept token only: the LLM site does not record cluster members.
 Internals used: the run's private state (``run._state``: the vision-call results and the sample's
 visual layout after encoder stages), until the runtime has a public accessor.
@@ -48,7 +49,7 @@ from .bench import load_schedule
 __all__ = ["SUPPORTED", "add_arguments", "cli", "image_inputs", "provenance_figure", "qwen_image_inputs",
            "stage_provenance"]
 
-SUPPORTED: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava", "internvl")
+SUPPORTED: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava", "internvl", "llava_onevision")
 """Model types `stage_provenance` can draw."""
 
 # OpenAI CLIP statistics: the Qwen2-VL image processor's defaults.
@@ -167,6 +168,116 @@ def _row_items(model: torch.nn.Module, inputs: Mapping[str, Any], sample: int) -
     return items, unit
 
 
+def _row_map(ev: Mapping[str, Any], j: int, mine: Sequence[int]) -> torch.Tensor | None:
+    """Item ``j``'s map in a vision event, or None when the event belongs to another tower call."""
+    if len(ev["provenance"]) <= max(mine):
+        return None
+    return ev["provenance"][j][0].cpu().long()
+
+
+def _stretch(pixels: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` processor pixels as an ``(H, W, 3)`` picture stretched to [0, 1] (processors normalise
+    differently; the picture is for display only)."""
+    pic = pixels.float().permute(1, 2, 0).cpu().numpy()
+    return (pic - pic.min()) / max(float(pic.max() - pic.min()), 1e-6)
+
+
+def _onevision_items(
+    model: torch.nn.Module, inputs: Mapping[str, Any], sample: int
+) -> tuple[list[dict], int]:
+    """LLaVA-OneVision: per image of the sample, its base tile and (single-image samples) its AnyRes grid as
+    the model packs it (stitched tiles, padding cropped, shrunk to the ``anyres_max`` budget).
+
+    Encoder stages run on tiles; an AnyRes panel shows them through the packing: each cell of the packed
+    grid takes the token of the canvas patch at its centre (the rule `pack_merged_anyres` uses)."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+        unpad_image,
+    )
+
+    import tokcomp as tc
+
+    from .adapters.llava_onevision import _nearest
+
+    cfg = model.config
+    S, p = int(cfg.vision_config.image_size), int(cfg.vision_config.patch_size)
+    h0 = w0 = S // p
+    sizes = inputs["image_sizes"]
+    per_sample = inputs.get("batch_num_images")
+    if per_sample is None:
+        raise ValueError("LLaVA-OneVision inputs without batch_num_images: pass the processor's outputs")
+    per_sample = [int(n) for n in per_sample]
+    anyres = [n == 1 for n in per_sample for _ in range(n)]
+    tiles = [
+        image_size_to_num_patches(size, cfg.image_grid_pinpoints, S) if a else 1
+        for size, a in zip(sizes, anyres)
+    ]
+    if not per_sample[sample]:
+        raise ValueError(f"sample {sample} has no image")
+    layouts = tc.find_adapter(model).layouts(dict(inputs))
+    llm_first = sum(len(lay.items) for lay in layouts[:sample])  # the run's items are in prompt order
+    image_rows = sum(tiles)
+    pixels = inputs["pixel_values"]
+    max_tiles = int(str(cfg.vision_aspect_ratio).removeprefix("anyres_max_"))
+    items: list[dict] = []
+    first_image = sum(per_sample[:sample])
+    for i in range(first_image, first_image + per_sample[sample]):
+        row = sum(tiles[:i])
+
+        base = {"tower_item": row, "llm_item": llm_first + len(items), "patch_grid": (h0, w0),
+                "picture": _stretch(pixels[i, 0]), "name": "base tile"}
+        base["event_map"] = _item_event_map(
+            base["llm_item"], image_rows, lambda ev, r=row: ev["provenance"][r][0]
+        )
+        items.append(base)
+        if tiles[i] == 1:
+            continue
+        R, C = get_anyres_image_grid_shape(sizes[i], cfg.image_grid_pinpoints, S)
+        canvas = unpad_image(torch.arange(R * h0 * C * w0).view(1, R * h0, C * w0), sizes[i])[0]
+        c_rows, c_cols = canvas[:, 0] // (C * w0), canvas[0] % (C * w0)
+        hc, wc = len(c_rows), len(c_cols)
+        ratio = math.sqrt(hc * wc / (max_tiles * h0**2))
+        grid = (int(hc // ratio), int(wc // ratio)) if ratio > 1.1 else (hc, wc)
+        rr = c_rows[_nearest(torch.arange(grid[0])[:, None], grid[0], hc)]
+        cc = c_cols[_nearest(torch.arange(grid[1])[None, :], grid[1], wc)]
+        tile = 1 + (rr // h0) * C + cc // w0  # each packed cell's tile and patch in it
+        patch_in_tile = ((rr % h0) * w0 + cc % w0).reshape(-1)
+        tile = tile.reshape(-1)
+
+        def anyres_map(ev: Mapping[str, Any], row: int = row, tile: torch.Tensor = tile,
+                       patch: torch.Tensor = patch_in_tile) -> torch.Tensor:
+            owners = torch.stack(
+                [ev["provenance"][row + t][0].cpu().long() for t in range(int(tile.max()) + 1)]
+            )
+            ids = tile * (h0 * w0) + owners[tile, patch]
+            return torch.unique(ids, return_inverse=True)[1]
+
+        stitched = pixels[i, 1:1 + R * C].view(R, C, 3, S, S).permute(2, 0, 3, 1, 4).reshape(3, R * S, C * S)
+        top, bottom = int(c_rows[0]) * p, (int(c_rows[-1]) + 1) * p
+        left, right = int(c_cols[0]) * p, (int(c_cols[-1]) + 1) * p
+        crop = stitched[:, top:bottom, left:right]
+        crop = torch.nn.functional.interpolate(crop[None].float(), size=[grid[0] * p, grid[1] * p],
+                                               mode="bilinear")[0]
+        item = {"tower_item": row, "llm_item": llm_first + len(items), "patch_grid": grid,
+                "picture": _stretch(crop), "name": "AnyRes grid"}
+        item["event_map"] = _item_event_map(item["llm_item"], image_rows, anyres_map)
+        items.append(item)
+    return items, 1
+
+
+def _item_event_map(llm_item: int, image_rows: int, encoder_map: Any) -> Any:
+    """An OneVision item's map in an event: encoder events run on the image call's tiles (``image_rows``
+    of them), projector events on the packed LLM items."""
+
+    def event_map(ev: Mapping[str, Any]) -> torch.Tensor | None:
+        if ev["site"] == "encoder":
+            return encoder_map(ev).cpu().long() if len(ev["provenance"]) == image_rows else None
+        return ev["provenance"][llm_item][0].cpu().long() if len(ev["provenance"]) > llm_item else None
+
+    return event_map
+
+
 def _picture_from_pixels(
     pixel_values: torch.Tensor, grid: Sequence[int], merge: int, patch: int, temporal: int
 ) -> np.ndarray:
@@ -203,7 +314,8 @@ def stage_provenance(
 
     Args:
         model: A model of `SUPPORTED` (``...ForConditionalGeneration``): Qwen2-VL / Qwen2.5-VL (one item per
-            image), LLaVA-1.5 (one per image) or InternVL (one per tile, thumbnail included).
+            image), LLaVA-1.5 (one per image), InternVL (one per tile, thumbnail included) or LLaVA-OneVision
+            (the base tile and, for a single-image sample, the packed AnyRes grid).
         inputs_or_image: Processor outputs (``input_ids``, ``pixel_values``, ``image_grid_thw``, ...), or a
             PIL picture for a model built by `tokcomp.testing` (processed by `image_inputs`).
         schedule: Anything `tokcomp.bench.load_schedule` accepts (a `Schedule`, a preset name, ...).
@@ -211,13 +323,14 @@ def stage_provenance(
         sample: Which sample of the batch.
 
     Returns:
-        ``{"items": [...], "stages": [...], "report": Report}``. ``items[i]`` describes image (or tile)
-        ``i`` of the sample: ``patch_grid`` ``(h, w)``, ``picture`` (``(h·p, w·p, 3)`` float array, ``p`` the
-        patch side in pixels) and its index among the tower's items (rows). ``stages[k]`` has ``label``, ``site`` (``"input"``, ``"encoder"``,
-        ``"projector"``, ``"llm-input"``, ``"llm"``), ``layer`` and ``maps``: per image a LongTensor of
-        ``h·w`` entries, the token holding each original patch after the stage (-1: removed); token ids
-        are raster indices in the stage's grid (for LLM stages, in the image's LLM-input grid), and
-        ``tokens``: per image, how many tokens are left.
+        ``{"items": [...], "stages": [...], "report": Report}``. ``items[i]`` describes image (or tile,
+        or packed grid) ``i`` of the sample: ``patch_grid`` ``(h, w)``, ``picture`` (``(h·p, w·p, 3)``
+        float array, ``p`` the patch side in pixels) and its index among the tower's items (rows).
+        ``stages[k]`` has ``label``, ``site`` (``"input"``, ``"encoder"``, ``"projector"``, ``"llm-input"``,
+        ``"llm"``), ``layer`` and ``maps``: per image a LongTensor of ``h·w`` entries, the token holding
+        each original patch after the stage (-1: removed); token ids are raster indices in the stage's grid
+        (for LLM stages, in the image's LLM-input grid), and ``tokens``: per image, how many tokens are
+        left.
 
     Raises:
         ValueError: If the model is not of `SUPPORTED` or the sample has no image.
@@ -229,7 +342,7 @@ def stage_provenance(
     if arch not in SUPPORTED:
         raise ValueError(
             f"tokcomp.viz supports {', '.join(SUPPORTED)} (patch-level provenance per image or tile); got "
-            f"{arch!r}. LLaVA-OneVision packs its tiles into one AnyRes grid, which the panels do not draw."
+            f"{arch!r}"
         )
     if isinstance(inputs_or_image, Image.Image):
         inputs = image_inputs(model, inputs_or_image)
@@ -238,6 +351,8 @@ def stage_provenance(
     sched = load_schedule(schedule)
     if arch in ("qwen2_vl", "qwen2_5_vl"):
         items, merge = _qwen_items(model, inputs, sample)
+    elif arch == "llava_onevision":
+        items, merge = _onevision_items(model, inputs, sample)
     else:
         items, merge = _row_items(model, inputs, sample)
     mine = [it["tower_item"] for it in items]
@@ -264,9 +379,10 @@ def stage_provenance(
         }
     )
     for ev in report.vision_events:
-        if len(ev["provenance"]) <= mine[-1]:
+        maps = [it["event_map"](ev) if "event_map" in it else _row_map(ev, it["tower_item"], mine)
+                for it in items]
+        if any(m is None for m in maps):
             continue  # an event of another tower call (videos)
-        maps = [ev["provenance"][j][0].cpu().long() for j in mine]
         where = f"block {ev['layer']}" if ev["site"] == "encoder" else "output"
         stages.append(
             {
@@ -282,7 +398,7 @@ def stage_provenance(
     llm_grids: list[tuple[int, int]] = []
     results = list(state.vision)
     for it in items:
-        j = it["tower_item"]
+        j = it.get("llm_item", it["tower_item"])
         h, w = it["patch_grid"]
         res_item = None
         acc = 0
@@ -408,7 +524,7 @@ def provenance_figure(
     as its own token is left as it is. Panel titles give the stage and the tokens left.
 
     Args:
-        model: A model of `SUPPORTED` (Qwen2-VL / Qwen2.5-VL, LLaVA-1.5, InternVL).
+        model: A model of `SUPPORTED` (Qwen2-VL / Qwen2.5-VL, LLaVA-1.5, InternVL, LLaVA-OneVision).
         processor_inputs_or_image: Processor outputs, or a PIL picture (see `stage_provenance`).
         schedule: The schedule (anything `tokcomp.bench.load_schedule` accepts).
         layers: LLM layers to show (default: about four where the count changes).
