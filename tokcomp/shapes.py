@@ -125,6 +125,20 @@ class ModelShape:
 
 _OV_PINPOINTS = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]
 
+# Qwen2-0.5B, the language model of both LLaVA-OneVision-0.5B and InternVL2.5-1B (they differ in tying).
+_QWEN2_0_5B: dict[str, Any] = {
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 32768,
+            "hidden_act": "silu",
+}
+
+
 SHAPES: dict[str, ModelShape] = {
     "qwen2-vl-2b": ModelShape(
         name="qwen2-vl-2b",
@@ -193,18 +207,7 @@ SHAPES: dict[str, ModelShape] = {
         name="llava-ov-0.5b",
         checkpoint="llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
         arch="llava_onevision",
-        text={
-            "hidden_size": 896,
-            "intermediate_size": 4864,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 14,
-            "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1000000.0,
-            "max_position_embeddings": 32768,
-            "hidden_act": "silu",
-            "tie_word_embeddings": True,
-        },
+        text={**_QWEN2_0_5B, "tie_word_embeddings": True},
         vision={
             "hidden_size": 1152,
             "intermediate_size": 4304,
@@ -230,18 +233,7 @@ SHAPES: dict[str, ModelShape] = {
         name="internvl2.5-1b",
         checkpoint="OpenGVLab/InternVL2_5-1B",
         arch="internvl",
-        text={
-            "hidden_size": 896,
-            "intermediate_size": 4864,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 14,
-            "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1000000.0,
-            "max_position_embeddings": 32768,
-            "hidden_act": "silu",
-            "tie_word_embeddings": False,
-        },
+        text={**_QWEN2_0_5B, "tie_word_embeddings": False},
         vision={
             "hidden_size": 1024,
             "intermediate_size": 4096,
