@@ -110,14 +110,7 @@ def _bias_attention(base: str) -> Callable[..., Any]:
 
         bias: ChunkedBias | None = kwargs.pop("tokcomp_bias", None)
         if bias is not None:
-            b = bias.take(key.shape[-2]).to(query.dtype)
-            if attention_mask is None:
-                attention_mask = b
-            elif attention_mask.dtype == torch.bool:
-                neg = torch.finfo(query.dtype).min
-                attention_mask = torch.zeros_like(b).expand_as(attention_mask).masked_fill(~attention_mask, neg) + b
-            else:
-                attention_mask = attention_mask + b
+            attention_mask = _with_bias(attention_mask, bias.take(key.shape[-2]).to(query.dtype))
             if attention_mask.shape[-2] == 1:
                 attention_mask = attention_mask.expand(*attention_mask.shape[:-2], query.shape[-2], key.shape[-2])
         if base == "eager":
@@ -127,6 +120,16 @@ def _bias_attention(base: str) -> Callable[..., Any]:
         return fn(module, query, key, value, attention_mask, **kwargs)
 
     return attention
+
+
+def _with_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """An attention mask (None, boolean "may attend", or additive) with an additive ``bias`` added."""
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        neg = torch.finfo(bias.dtype).min
+        return torch.zeros_like(bias).expand_as(mask).masked_fill(~mask, neg) + bias
+    return mask + bias
 
 
 def _eager(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -452,15 +455,8 @@ class RowTowerHooks:
         if not self.spec.bias_in_mask:
             kwargs["tokcomp_bias"] = RowBias(call.bias)
             return args, kwargs
-        hs = hidden_states_of(args, kwargs)
-        bias = call.bias[:, None, None, :].to(hs.dtype)
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            kwargs["attention_mask"] = bias
-        elif mask.dtype == torch.bool:
-            kwargs["attention_mask"] = torch.zeros_like(bias).masked_fill(~mask, torch.finfo(hs.dtype).min) + bias
-        else:
-            kwargs["attention_mask"] = mask + bias
+        bias = call.bias[:, None, None, :].to(hidden_states_of(args, kwargs).dtype)
+        kwargs["attention_mask"] = _with_bias(kwargs.get("attention_mask"), bias)
         return args, kwargs
 
     def _block_hook(self, i: int) -> Callable[..., tuple[tuple, dict] | None]:
