@@ -277,7 +277,9 @@ class LlavaOnevisionAdapter(Adapter):
         return out
 
     def llm_input(self, call: dict[str, Any], lm_kwargs: dict[str, Any], results: list[VisionCallResult]) -> LLMInput:
-        """Run the projector stages on the packed features in ``inputs_embeds`` and compact the runs."""
+        """Run the projector stages on the packed items and compact the runs: the items are read off
+        ``inputs_embeds``, or after encoder stages built from the merged tiles (`pack_merged_anyres`,
+        `pool_merged_frame`); the result is written back into ``inputs_embeds``."""
         session: VisionSession | None = getattr(self, "_session", None)
         if session is None:
             raise RuntimeStateError("llm_input runs after install_vision (inside a tokcomp.compress block)")
