@@ -55,8 +55,8 @@ from tokcomp.encoder import (
     VisionCallResult,
     VisionSession,
     feature_index,
-    first_slots_input,
     install_row_tower,
+    layout_first_slots_input,
 )
 from tokcomp.errors import RuntimeStateError
 
@@ -127,11 +127,7 @@ class InternVLAdapter(Adapter):
 
     def llm_input(self, call: dict[str, Any], lm_kwargs: dict[str, Any], results: list[VisionCallResult]) -> LLMInput:
         """Keep the first ``n'`` slots of every tile's run; renumber positions contiguously."""
-        ids: torch.Tensor = call["input_ids"]
-        mask = call.get("attention_mask")
-        valid = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)
-        slots = [[lay.positions[it.start:it.start + it.count] for it in lay.items] for lay in self.layouts(call)]
-        return first_slots_input(slots, results, valid, lm_kwargs.get("position_ids"))
+        return layout_first_slots_input(self.layouts(call), call, lm_kwargs, results)
 
     def layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         """Cut every ``<IMG_CONTEXT>`` run into tiles of ``h * w`` tokens, one ``(1, h, w)`` item each."""

@@ -108,6 +108,7 @@ from tokcomp.encoder import (
     compact_positions,
     feature_index,
     install_row_tower,
+    valid_slots,
 )
 from tokcomp.errors import RuntimeStateError
 from tokcomp.tokens import FrameGrid, VisualItemTokens
@@ -287,8 +288,7 @@ class LlavaOnevisionAdapter(Adapter):
         if not isinstance(embeds, torch.Tensor):
             raise RuntimeStateError("expected inputs_embeds at the language model's input")
         ids: torch.Tensor = call["input_ids"]
-        mask = call.get("attention_mask")
-        valid = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)
+        valid = valid_slots(call)
         placed = self._placed(call)
         encoded = self._encoded_items(results, call) if session.encoder_stages else None
         where, items = [], []

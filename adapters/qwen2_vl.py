@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 
 from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
-from tokcomp.encoder import VisionCallResult, VisionSession, hidden_states_of, with_hidden_states
+from tokcomp.encoder import VisionCallResult, VisionSession, hidden_states_of, valid_slots, with_hidden_states
 from tokcomp.errors import RuntimeStateError
 from tokcomp.tokens import FrameGrid, VisualItemTokens
 
@@ -76,8 +76,7 @@ class Qwen2VLAdapter(Adapter):
         ids: torch.Tensor = call["input_ids"]
         cfg = self.model.config
         B, L = ids.shape
-        mask = call.get("attention_mask")
-        valid = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)
+        valid = valid_slots(call)
         kind_of = torch.zeros_like(ids)
         kind_of[ids == cfg.image_token_id] = 1
         kind_of[ids == cfg.video_token_id] = 2

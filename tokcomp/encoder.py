@@ -45,7 +45,9 @@ __all__ = [
     "first_slots_input",
     "hidden_states_of",
     "install_row_tower",
+    "layout_first_slots_input",
     "unit_frame",
+    "valid_slots",
     "with_hidden_states",
 ]
 
@@ -663,6 +665,25 @@ def compact_positions(
     rows = torch.arange(B, device=dev)
     shift = (new[rows, last] - old[rows, last]).long()
     return new, shift
+
+
+def valid_slots(call: dict[str, Any]) -> torch.Tensor:
+    """``(B, L)`` bool, the call's non-padding slots (all of them without an ``attention_mask``)."""
+    ids: torch.Tensor = call["input_ids"]
+    mask = call.get("attention_mask")
+    return mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)
+
+
+def layout_first_slots_input(
+    layouts: Sequence[SampleLayout],
+    call: dict[str, Any],
+    lm_kwargs: dict[str, Any],
+    results: Sequence[VisionCallResult],
+) -> LLMInput:
+    """`first_slots_input` for an adapter whose layout items are the tower's items, each one placeholder run
+    (LLaVA: images, InternVL: tiles)."""
+    slots = [[lay.positions[it.start:it.start + it.count] for it in lay.items] for lay in layouts]
+    return first_slots_input(slots, results, valid_slots(call), lm_kwargs.get("position_ids"))
 
 
 def first_slots_input(
