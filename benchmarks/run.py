@@ -206,46 +206,14 @@ def cases(quick: bool, device: str) -> list[Case]:
             {"luvc": "luvc", "spu": "spu", "fastv": "fastv", "pact-qwen2-vl": "pact-qwen2-vl"},
             repeats=2,
         ),
-        Case(
-            "ov-2k",
-            "shapes",
-            "llava-ov-0.5b",
-            small,
-            None if gpu else 4,
-            2048,
-            {"luvc": "luvc", "spu": "spu", "fastv": "fastv", "pact": "pact", "vtw": "vtw"},
-            repeats=2,
-        ),
-        Case(
-            "ov-8k",
-            "shapes",
-            "llava-ov-0.5b",
-            None if gpu else 4,
-            None if gpu else 2,
-            8192,
-            {"luvc": "luvc", "spu": "spu", "fastv": "fastv", "pact": "pact", "vtw": "vtw"},
-            repeats=2,
-        ),
-        Case(
-            "internvl-2k",
-            "shapes",
-            "internvl2.5-1b",
-            small,
-            None if gpu else 4,
-            2048,
-            {"luvc": "luvc", "spu": "spu", "fastv": "fastv", "pact": "pact", "vtw": "vtw"},
-            repeats=2,
-        ),
-        Case(
-            "internvl-8k",
-            "shapes",
-            "internvl2.5-1b",
-            None if gpu else 4,
-            None if gpu else 2,
-            8192,
-            {"luvc": "luvc", "spu": "spu", "fastv": "fastv", "pact": "pact", "vtw": "vtw"},
-            repeats=2,
-        ),
+    ]
+    # LLaVA-OneVision and InternVL: the same schedules at 2k (8 LLM layers, 4 ViT blocks) and 8k (4 and 2)
+    llm_presets = {p: p for p in ("luvc", "spu", "fastv", "pact", "vtw")}
+    for prefix, shape in (("ov", "llava-ov-0.5b"), ("internvl", "internvl2.5-1b")):
+        out += [
+            Case(f"{prefix}-2k", "shapes", shape, small, None if gpu else 4, 2048, dict(llm_presets), repeats=2),
+            Case(f"{prefix}-8k", "shapes", shape, None if gpu else 4, None if gpu else 2, 8192, dict(llm_presets),
+                 repeats=2),
     ]
     return out
 
