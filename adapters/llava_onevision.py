@@ -100,6 +100,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     unpad_image,
 )
 
+from tokcomp.compat import cache_of
 from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
 from tokcomp.encoder import (
     RowTower,
@@ -193,7 +194,7 @@ class LlavaOnevisionAdapter(Adapter):
             handles += self._install_encoder(session)
 
         def mark(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            cache = kwargs.get("past_key_values")
+            cache = cache_of(kwargs)
             if cache is None or cache.get_seq_length() == 0:
                 session.finish_call(VisionCallResult([], [], [], []))
 

@@ -31,6 +31,7 @@ from conftest import all_hooks, cached_model
 
 import tokcomp as tc
 from tokcomp import testing
+from tokcomp.compat import cache_of, without_cache
 from tokcomp.contracts import SITES, LLMStrategy, Strategy
 
 # The model class each tiny architecture builds; an adapter covers the architectures whose class it lists.
@@ -168,7 +169,7 @@ def _capture_prefill(model):
     calls: list[dict] = []
 
     def hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         if cache is None or cache.get_seq_length() == 0:
             calls.append(dict(kwargs))
 
@@ -177,7 +178,7 @@ def _capture_prefill(model):
 
 def _forward_kwargs(call: dict) -> dict:
     """A generate() prefill call made into a plain full-logits forward (same ids, positions, features)."""
-    kw = {k: v for k, v in call.items() if k not in ("past_key_values", "logits_to_keep", "use_cache")}
+    kw = {k: v for k, v in without_cache(call).items() if k not in ("logits_to_keep", "use_cache")}
     if isinstance(kw.get("mm_encoder_outputs"), dict):
         kw["mm_encoder_outputs"] = dict(kw["mm_encoder_outputs"])
     return {**kw, "use_cache": False}

@@ -22,7 +22,14 @@ from .contracts import (
     Strategy,
     VisualItem,
 )
-from .errors import PluginError, RuntimeStateError, ScheduleError, TokcompError, UnsupportedModelError
+from .errors import (
+    PluginError,
+    RuntimeStateError,
+    ScheduleError,
+    TokcompError,
+    UnsupportedModelError,
+    UnsupportedVersionError,
+)
 from .hookspecs import hookimpl
 from .report import Report, StageEvent
 from .runtime import CompressionRun, compress, find_adapter
@@ -48,6 +55,7 @@ __all__ = [
     "Strategy",
     "TokcompError",
     "UnsupportedModelError",
+    "UnsupportedVersionError",
     "VisualItem",
     "__version__",
     "compress",

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["PluginError", "RuntimeStateError", "ScheduleError", "TokcompError", "UnsupportedModelError"]
+__all__ = [
+    "PluginError",
+    "RuntimeStateError",
+    "ScheduleError",
+    "TokcompError",
+    "UnsupportedModelError",
+    "UnsupportedVersionError",
+]
 
 
 class TokcompError(Exception):
@@ -23,3 +30,7 @@ class PluginError(TokcompError, ImportError):
 
 class RuntimeStateError(TokcompError, RuntimeError):
     """The model was called in a way the compression runtime cannot follow (e.g. a foreign KV cache)."""
+
+
+class UnsupportedVersionError(TokcompError, RuntimeError):
+    """The installed `transformers` is outside the range tokcomp is tested on (see `tokcomp.compat`)."""

@@ -34,6 +34,7 @@ from torch import nn
 from typing_extensions import Self
 
 from . import registry
+from .compat import cache_of, check_transformers_version
 from .contracts import Adapter, LLMDecision, LLMStrategy, LLMView, Projections, SampleLayout
 from .encoder import BIAS_PREFIX, VisionSession, enable_bias_attention, hidden_states_of, with_hidden_states
 from .errors import RuntimeStateError, ScheduleError, UnsupportedModelError
@@ -64,13 +65,20 @@ def find_adapter(model: nn.Module) -> Adapter:
     )
 
 
-def compress(model: nn.Module, schedule: Schedule | list[Stage] | None = None) -> CompressionRun:
+def compress(
+    model: nn.Module,
+    schedule: Schedule | list[Stage] | None = None,
+    *,
+    allow_untested_transformers: bool = False,
+) -> CompressionRun:
     """Validate ``schedule`` against ``model`` and return a context manager that applies it.
 
     Args:
         model: A supported `transformers` model (e.g. ``Qwen2VLForConditionalGeneration``).
         schedule: The stages to apply; a list of `Stage` is accepted; ``None`` or an empty schedule runs
             the model unchanged (but still reports token counts).
+        allow_untested_transformers: Run on a `transformers` release outside
+            `tokcomp.compat.TESTED_TRANSFORMERS`, with a warning, instead of refusing it.
 
     Returns:
         A `CompressionRun`; use it as ``with tokcomp.compress(model, schedule) as run: ...``.
@@ -78,7 +86,9 @@ def compress(model: nn.Module, schedule: Schedule | list[Stage] | None = None) -
     Raises:
         UnsupportedModelError: No adapter supports the model.
         ScheduleError: The schedule cannot run on this model; the message says what to change.
+        UnsupportedVersionError: The installed `transformers` is outside the tested range.
     """
+    check_transformers_version(allow_untested_transformers)
     if schedule is None:
         schedule = Schedule([])
     elif isinstance(schedule, (list, tuple)):
@@ -331,7 +341,7 @@ class CompressionRun:
         call = dict(kwargs)
         if args:
             call.setdefault("input_ids", args[0])
-        cache = call.get("past_key_values")
+        cache = cache_of(call)
         if cache is not None and getattr(cache, "is_compileable", False) and self._first is not None:
             raise RuntimeStateError(
                 f"{type(cache).__name__} pre-allocates every layer at one length, which cannot hold layers with "
@@ -380,7 +390,7 @@ class CompressionRun:
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2) and self._first is not None:
             raise RuntimeStateError("tokcomp needs the 2-D attention mask; got a pre-built 4-D or dict mask")
         st.mask2d = mask if isinstance(mask, torch.Tensor) else None
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         decode = cache is not None and st.cache is cache and st.index is not None
         if not decode:
             if self.vision.active:
@@ -435,7 +445,7 @@ class CompressionRun:
             if st is None:
                 return args, kwargs
             hs = hidden_states_of(args, kwargs)
-            cache = kwargs.get("past_key_values")
+            cache = cache_of(kwargs)
             decode = cache is not None and st.cache is cache and cache.get_seq_length(i) > 0
             if decode:
                 kwargs = self._decode_kwargs(i, hs, kwargs)
@@ -713,7 +723,7 @@ class CompressionRun:
         if rec is None:  # this layer saw no removal in prefill: the model's own mask is right
             return kwargs
         q = hs.shape[1]
-        cache = kwargs["past_key_values"]
+        cache = cache_of(kwargs)
         S = rec.valid.shape[1]
         t_prev = cache.get_seq_length(i) - S
         B = rec.valid.shape[0]
