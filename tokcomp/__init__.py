@@ -1,5 +1,7 @@
 """tokcomp: training-free visual-token compression for Hugging Face vision-language models.
 
+Examples:
+    ```python
     import tokcomp as tc
     from tokcomp.strategies import SPU
 
@@ -7,6 +9,7 @@
     with tc.compress(model, schedule) as run:
         out = model.generate(**inputs, max_new_tokens=64)
     print(run.report())
+    ```
 """
 
 from __future__ import annotations

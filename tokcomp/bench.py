@@ -37,7 +37,7 @@ What each measured number is (every repetition is one ``generate()`` call):
 Speed-ups are ratios of medians (uncompressed median / compressed median; for decode rates the other way
 round). The FLOPs-ideal speed-ups come from `flops_breakdown`.
 
-Example:
+Examples:
     >>> import tokcomp as tc
     >>> from tokcomp import testing
     >>> from tokcomp.bench import run_bench
@@ -298,7 +298,7 @@ def flops_breakdown(
         tower), ``total`` (``compressed``, ``baseline``, ``ratio``, ``ideal_speedup`` of vision + LLM),
         ``tokens`` (what was counted), ``overhead_s`` and ``notes``.
 
-    Example:
+    Examples:
         >>> import tokcomp as tc
         >>> from tokcomp import testing
         >>> model = testing.tiny_model("qwen2_vl")

@@ -15,7 +15,7 @@ the conventions, in short:
   visible (lower-triangle) pairs, which is closer to what block-skipping kernels such as
   FlashAttention-2 execute.
 
-Example:
+Examples:
     >>> from tokcomp.flops import LayerShape, llm_prefill_flops, ideal_speedup
     >>> qwen2_vl_2b = LayerShape(hidden=1536, intermediate=8960, num_heads=12, num_kv_heads=2,
     ...                          head_dim=128, gated_mlp=True)
@@ -78,7 +78,7 @@ class LayerShape:
             Qwen2.5-VL's vision tower); False for a plain two-matrix MLP (fc1, fc2: CLIP, SigLIP,
             InternViT, Qwen2-VL's vision tower).
 
-    Example:
+    Examples:
         >>> LayerShape(hidden=8, intermediate=16, num_heads=2, num_kv_heads=1, head_dim=4).gated_mlp
         True
     """
@@ -118,7 +118,7 @@ class LayerShape:
         Raises:
             ValueError: If a required field is missing.
 
-        Example:
+        Examples:
             >>> import transformers
             >>> LayerShape.from_text_config(transformers.Qwen2Config(hidden_size=64, intermediate_size=128,
             ...     num_attention_heads=4, num_key_value_heads=2)).head_dim
@@ -164,7 +164,7 @@ class LayerShape:
         Raises:
             ValueError: If a required field is missing.
 
-        Example:
+        Examples:
             >>> import transformers
             >>> vc = transformers.Qwen2VLConfig(vision_config=dict(embed_dim=32, num_heads=2, mlp_ratio=4,
             ...     hidden_size=64)).vision_config
@@ -236,7 +236,7 @@ def linear_flops(n_tokens: int, d_in: int, d_out: int) -> int:
     Returns:
         The FLOPs (the bias add is not counted).
 
-    Example:
+    Examples:
         >>> linear_flops(3, 8, 16)
         768
     """
@@ -264,7 +264,7 @@ def attention_pairs(n_queries: int, n_keys: int, *, causal: bool = False) -> int
     Raises:
         ValueError: If ``causal`` and ``n_keys < n_queries`` (a query would lack its own key).
 
-    Example:
+    Examples:
         >>> attention_pairs(3, 3), attention_pairs(3, 3, causal=True), attention_pairs(2, 5, causal=True)
         (9, 6, 9)
     """
@@ -308,7 +308,7 @@ def layer_flops(shape: LayerShape, n_queries: int, n_keys: int, *, causal: bool 
         A dict with keys ``"qkv"``, ``"attn_scores"``, ``"attn_values"``, ``"out_proj"``, ``"mlp"`` and
         ``"total"`` (their sum), in FLOPs.
 
-    Example:
+    Examples:
         >>> layer_flops(LayerShape(hidden=8, intermediate=16, num_heads=2, num_kv_heads=1, head_dim=4), 3, 3)
         {'qkv': 768, 'attn_scores': 144, 'attn_values': 144, 'out_proj': 384, 'mlp': 2304, 'total': 3744}
     """
@@ -357,7 +357,7 @@ def llm_prefill_flops(
     Returns:
         Per-layer dicts under ``"layers"`` and their component-wise sums (see `StackFlops`).
 
-    Example:
+    Examples:
         >>> shape = LayerShape(hidden=8, intermediate=16, num_heads=2, num_kv_heads=1, head_dim=4)
         >>> llm_prefill_flops(shape, [3, 3])["total"]
         7488
@@ -384,7 +384,7 @@ def llm_decode_flops(
     Returns:
         Per-layer dicts under ``"layers"`` and their sums (see `StackFlops`).
 
-    Example:
+    Examples:
         >>> shape = LayerShape(hidden=8, intermediate=16, num_heads=2, num_kv_heads=1, head_dim=4)
         >>> llm_decode_flops(shape, [5])["total"]
         1344
@@ -436,7 +436,7 @@ def vision_flops(
         ValueError: If ``windows`` has a different length than ``tokens_per_block``, or a block's windows
             do not add up to its tokens.
 
-    Example:
+    Examples:
         >>> vit = LayerShape(hidden=8, intermediate=16, num_heads=2, num_kv_heads=2, head_dim=4,
         ...                  gated_mlp=False)
         >>> one_group, two_groups = vision_flops(vit, [4]), vision_flops(vit, [[2, 2]])
@@ -490,7 +490,7 @@ def vision_attention_groups(grid_thw: Sequence[Sequence[int]]) -> list[int]:
     Returns:
         The group sizes, to pass as one entry of ``vision_flops``'s ``tokens_per_block``.
 
-    Example:
+    Examples:
         >>> vision_attention_groups([(1, 4, 6), (2, 4, 4)])
         [24, 16, 16]
     """
@@ -517,7 +517,7 @@ def qwen2_5_vl_window_groups(
     Returns:
         The window sizes in patches, in the order the model runs them; they sum to Σ t·h·w.
 
-    Example:
+    Examples:
         >>> qwen2_5_vl_window_groups([(1, 20, 12)], window_size=112, patch_size=14, spatial_merge_size=2)
         [64, 32, 64, 32, 32, 16]
     """
@@ -557,7 +557,7 @@ def flops_ratio(compressed: int | Mapping[str, Any], baseline: int | Mapping[str
     Raises:
         ValueError: If the baseline is 0.
 
-    Example:
+    Examples:
         >>> flops_ratio(25, {"total": 100})
         0.25
     """
@@ -583,7 +583,7 @@ def ideal_speedup(compressed: int | Mapping[str, Any], baseline: int | Mapping[s
     Raises:
         ValueError: If the compressed FLOPs are 0.
 
-    Example:
+    Examples:
         >>> ideal_speedup(25, 100)
         4.0
     """
@@ -611,7 +611,7 @@ def model_shapes(config: Any) -> tuple[LayerShape, LayerShape | None, int, int]:
     Raises:
         ValueError: If a required field is missing.
 
-    Example:
+    Examples:
         >>> import transformers
         >>> llm, vit, n_llm, n_vit = model_shapes(transformers.LlavaConfig())
         >>> (llm.hidden, vit.hidden, n_llm, n_vit)

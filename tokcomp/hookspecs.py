@@ -1,10 +1,12 @@
 """The pluggy hook specifications a tokcomp plugin implements.
 
 A plugin is a module (or object) with functions marked ``@tokcomp.hookimpl``, announced under the
-entry-point group ``tokcomp`` in its package metadata::
+entry-point group ``tokcomp`` in its package metadata (`pyproject.toml`):
 
-    [project.entry-points.tokcomp]
-    my-plugin = "my_package.tokcomp_plugin"
+```toml
+[project.entry-points.tokcomp]
+my-plugin = "my_package.tokcomp_plugin"
+```
 
 Each hook receives a ``register`` callable; call it once per thing the plugin provides.
 """

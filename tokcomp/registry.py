@@ -3,7 +3,7 @@
 Built-in strategies and adapters arrive exactly like a third party's: through the entry-point group
 ``tokcomp`` and the hooks in `tokcomp.hookspecs`. Plugins are loaded once, on first use.
 
-Example:
+Examples:
     >>> import tokcomp
     >>> "spu" in tokcomp.registry.strategies()
     True

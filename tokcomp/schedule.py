@@ -34,7 +34,7 @@ class Stage:
             strategy runs; ``None`` takes the strategy's default for the model.
         **params: Parameters for a strategy given by name.
 
-    Example:
+    Examples:
         >>> import tokcomp as tc
         >>> tc.Stage("fastv", site="llm", layers=[2], keep_ratio=0.5).strategy_name
         'fastv'
@@ -130,7 +130,7 @@ class Schedule:
     Args:
         stages: The stages, in data-flow order (encoder, projector, then LLM layers).
 
-    Example:
+    Examples:
         >>> import tokcomp as tc
         >>> from tokcomp.strategies import SPU
         >>> len(tc.Schedule([tc.Stage(SPU(), site="llm", layers=range(2, 4))]))

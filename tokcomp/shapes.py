@@ -30,7 +30,7 @@ Qwen2.5-VL's full-attention blocks (``fullatt_block_indexes`` 7, 15, 23, 31) are
 inside the reduced tower, and the last block is always one, so every reduced tower mixes windowed and
 full attention like the real one.
 
-Example:
+Examples:
     >>> from tokcomp.shapes import SHAPES, shape_config
     >>> SHAPES["qwen2-vl-2b"].text["hidden_size"]
     1536

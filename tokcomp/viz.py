@@ -22,7 +22,7 @@ patch-level provenance per tower item. LLM-side merges
 Internals used: the run's private state (``run._state``: the vision-call results and the sample's
 visual layout after encoder stages), until the runtime has a public accessor.
 
-Example:
+Examples:
     >>> from tokcomp import testing
     >>> from tokcomp.viz import stage_provenance
     >>> model = testing.tiny_model("qwen2_vl")
