@@ -34,7 +34,8 @@ from torch import nn
 from typing_extensions import Self
 
 from . import registry
-from .contracts import Adapter, LLMDecision, LLMStrategy, LLMView, Projections, SampleLayout
+from .checks import checked_select
+from .contracts import Adapter, LLMStrategy, LLMView, Projections, SampleLayout
 from .encoder import BIAS_PREFIX, VisionSession, enable_bias_attention, hidden_states_of, with_hidden_states
 from .errors import RuntimeStateError, ScheduleError, UnsupportedModelError
 from .report import Report, StageEvent
@@ -69,8 +70,9 @@ def compress(model: nn.Module, schedule: Schedule | list[Stage] | None = None) -
 
     Args:
         model: A supported `transformers` model (e.g. ``Qwen2VLForConditionalGeneration``).
-        schedule: The stages to apply; a list of `Stage` is accepted; ``None`` or an empty schedule runs
-            the model unchanged (but still reports token counts).
+        schedule: The stages to apply: a `Schedule`, a `Stage`, a list of stages or stage dicts, a schedule
+            dict or a preset name (`Schedule.coerce`); ``None`` or an empty schedule runs the model unchanged
+            (but still reports token counts).
 
     Returns:
         A `CompressionRun`; use it as ``with tokcomp.compress(model, schedule) as run: ...``.
@@ -79,12 +81,7 @@ def compress(model: nn.Module, schedule: Schedule | list[Stage] | None = None) -
         UnsupportedModelError: No adapter supports the model.
         ScheduleError: The schedule cannot run on this model; the message says what to change.
     """
-    if schedule is None:
-        schedule = Schedule([])
-    elif isinstance(schedule, (list, tuple)):
-        schedule = Schedule(list(schedule))
-    elif isinstance(schedule, str):
-        schedule = Schedule.preset(schedule)
+    schedule = Schedule.coerce(schedule)  # a Stage, stage dicts, a schedule dict or a preset name too
     adapter = find_adapter(model)
     stages = schedule.resolve(adapter)
     impl = adapter.attn_implementation
@@ -569,17 +566,8 @@ class CompressionRun:
                 _scores=(lambda q, b=b, vs=vis_slots: scores_fn(q)[b, vs]) if scores_fn else None,
                 _projections=(lambda b=b: self._projections(layer, hs, b, rank[b])),
             )
-            decision = strategy.select(view)
-            if isinstance(decision, torch.Tensor):
-                decision = LLMDecision(keep=decision)
-            keep = decision.keep.to(device=hs.device, dtype=torch.long)
-            if keep.numel() and (
-                (keep[1:] <= keep[:-1]).any() or int(keep.min()) < 0 or int(keep.max()) >= n
-            ):
-                raise RuntimeStateError(
-                    f"{stage.label} at layer {layer}: keep must be ascending unique indices in [0, {n}), "
-                    f"got {keep.tolist()[:16]}"
-                )
+            decision = checked_select(stage.label, layer, strategy, view)
+            keep = decision.keep
             kept_slots = vis_slots[keep]
             if decision.hidden is not None:
                 new_hidden[b] = (kept_slots, decision.hidden)
