@@ -365,6 +365,8 @@ class Adapter:
         grid_multiple: The projector's grid unit: encoder-side merges must keep grid sides divisible by it.
         encoder_grid_reason: Non-empty when what follows the encoder needs a 2-D grid even though the
             projector works per token (it says why, for the validator's message).
+        priority: Where two adapters support the same model, the higher ``priority`` is chosen; on a tie a
+            third-party adapter before a built-in one, then by name (`tokcomp.registry.adapter_order`).
     """
 
     name: ClassVar[str] = ""
@@ -372,6 +374,7 @@ class Adapter:
     sites: ClassVar[frozenset[str]] = frozenset({"llm"})
     grid_multiple: ClassVar[int] = 1
     encoder_grid_reason: ClassVar[str] = ""
+    priority: ClassVar[int] = 0
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -23,7 +23,10 @@ from typing import Any, Literal, Union
 
 from .errors import ScheduleError
 
-__all__ = ["check_params", "describe", "field_hints", "from_file_value", "matches", "to_file_value"]
+__all__ = [
+    "check_instance", "check_params", "describe", "field_hints", "from_file_value", "matches", "suggest",
+    "to_file_value",
+]
 
 
 @lru_cache(maxsize=None)
@@ -202,7 +205,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def check_params(cls: type, params: dict[str, Any], where: str, *, from_file: bool = False) -> dict[str, Any]:
+def check_params(
+    cls: type, params: dict[str, Any], where: str, *, from_file: bool = False, types: bool = True
+) -> dict[str, Any]:
     """Check parameters for strategy class ``cls`` by name and type; return them (converted from a file's forms).
 
     Args:
@@ -210,6 +215,7 @@ def check_params(cls: type, params: dict[str, Any], where: str, *, from_file: bo
         params: Parameter name -> value.
         where: Prefix of the error message (``"stage 1 (fastv)"``).
         from_file: The values come from JSON/YAML (lists for tuples, string keys).
+        types: Check the values' types too (names only otherwise; `check_instance` checks them later).
 
     Raises:
         ScheduleError: An unknown parameter name (with the closest valid one) or a value of the wrong type
@@ -224,6 +230,9 @@ def check_params(cls: type, params: dict[str, Any], where: str, *, from_file: bo
             raise ScheduleError(f"{where}: unknown parameter {key!r}{suggest(key, hints)}; "
                                 f"{cls.name!r} takes {', '.join(hints) or 'no parameters'}")
         hint = hints[key]
+        if not types and not from_file:
+            out[key] = value
+            continue
         new = from_file_value(value, hint) if from_file else (value if matches(value, hint) else _MISSING)
         if new is _MISSING:
             raise ScheduleError(f"{where}: parameter {key}={value!r} has the wrong type; write {describe(hint)}")
@@ -232,14 +241,31 @@ def check_params(cls: type, params: dict[str, Any], where: str, *, from_file: bo
 
 
 def check_instance(strategy: Any, where: str) -> None:
-    """Check every field of a strategy instance against its annotation (see `check_params`)."""
+    """Check a strategy instance: every field against its annotation, then the strategy's own `check`.
+
+    Where a field has the wrong type and the strategy's own ``check()`` refuses the value too, its message
+    (the more specific one) is the one raised.
+
+    Raises:
+        ScheduleError: Naming ``where``, the parameter and the forms it accepts.
+    """
     hints = field_hints(type(strategy))
     for key, hint in hints.items():
         value = getattr(strategy, key, None)
         if not matches(value, hint):
+            try:
+                strategy.check()
+            except ScheduleError as exc:
+                raise ScheduleError(f"{where}: {exc}") from None
+            except Exception:  # the strategy's check tripped over the wrong type: ours says more
+                pass
             raise ScheduleError(
                 f"{where}: {type(strategy).__name__}({key}={value!r}) has the wrong type; write {describe(hint)}"
             )
+    try:
+        strategy.check()
+    except ScheduleError as exc:
+        raise ScheduleError(f"{where}: {exc}") from None
 
 
 def suggest(name: str, valid: typing.Iterable[str]) -> str:

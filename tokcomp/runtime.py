@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,15 +54,17 @@ def find_adapter(model: nn.Module) -> Adapter:
     Raises:
         UnsupportedModelError: No adapter recognises the model; the message lists the supported classes.
     """
-    regs = registry.adapters()
-    for reg in regs.values():
-        if reg.obj.supports(model):
-            return reg.obj(model)
-    known = sorted({c for reg in regs.values() for c in reg.obj.model_classes})
+    reg, problems = registry.select_adapter(model)  # fixed order; a raising supports() is skipped, named
+    for p in problems:
+        warnings.warn(f"{p}; it was skipped", stacklevel=2)
+    if reg is not None:
+        return reg.obj(model)
+    known = sorted({c for reg in registry.adapters().values() for c in reg.obj.model_classes})
     raise UnsupportedModelError(
         f"no tokcomp adapter supports {type(model).__name__}. Supported model classes: {', '.join(known)}. "
         "Load the model with one of those classes (e.g. Qwen2VLForConditionalGeneration, not AutoModel for "
         "the bare backbone), or write an adapter plugin (docs: 'Adding an adapter')."
+        + "".join(f" Note: {p}." for p in problems)
     )
 
 

@@ -94,7 +94,7 @@ class Stage:
 
         cls = registry.get_strategy(self.strategy).obj
         where = where or f"strategy {self.strategy!r}"
-        params = check_params(cls, self.params, f"{where}: bad parameters")
+        params = check_params(cls, self.params, f"{where}: bad parameters", types=False)
         try:
             return cls(**params)
         except TypeError as exc:
@@ -361,10 +361,6 @@ class Schedule:
                     f"{where}: the {adapter.name!r} adapter does not support the {stage.site!r} site yet "
                     f"(it supports {', '.join(sorted(adapter.sites))})."
                 )
-            try:
-                strategy.check()
-            except ScheduleError as exc:
-                raise ScheduleError(f"{where}: {exc}") from None
             if stage.site == "projector":
                 layers = [0]  # the projector runs once
             elif stage.site == "encoder":
@@ -477,11 +473,7 @@ def _stage_from_dict(i: int, raw: Any) -> Stage:
         stage = Stage(name, site=site, layers=layers, **params)
     except ScheduleError as exc:
         raise ScheduleError(f"{where}: {exc}") from None
-    strategy = stage.build_strategy(where)
-    try:
-        strategy.check()
-    except ScheduleError as exc:
-        raise ScheduleError(f"{where}: {exc}") from None
+    check_instance(stage.build_strategy(where), where)
     return stage
 
 
