@@ -41,7 +41,7 @@ class _ItemGrid(tuple):
 
     key: int
 
-    def __new__(cls, grid: Any, key: int) -> _ItemGrid:
+    def __new__(cls, grid: Any, key: int) -> _ItemGrid:  # noqa: PYI034
         obj = super().__new__(cls, tuple(grid))
         obj.key = key
         return obj

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["PluginError", "RuntimeStateError", "ScheduleError", "TokcompError", "UnsupportedModelError"]
+__all__ = [
+    "PluginError", "RuntimeStateError", "ScheduleError", "TokcompError", "UnsupportedModelError", "UsageError",
+]
 
 
 class TokcompError(Exception):
@@ -23,3 +25,8 @@ class PluginError(TokcompError, ImportError):
 
 class RuntimeStateError(TokcompError, RuntimeError):
     """The model was called in a way the compression runtime cannot follow (e.g. a foreign KV cache)."""
+
+
+class UsageError(TokcompError, ValueError):
+    """A command-line argument is wrong (``tokcomp visualize --layers 99`` on an 8-layer model); the ``tokcomp``
+    command prints the message as one line and exits with status 2."""

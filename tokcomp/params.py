@@ -18,7 +18,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from functools import lru_cache
+from functools import cache
 from typing import Any, Literal, Union
 
 from .errors import ScheduleError
@@ -29,11 +29,11 @@ __all__ = [
 ]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hints(cls: type) -> dict[str, Any]:
     try:
         hints = typing.get_type_hints(cls)
-    except Exception:  # an annotation that does not evaluate: check nothing rather than fail
+    except Exception:  # noqa: BLE001 - an annotation that does not evaluate: check nothing rather than fail
         hints = {}
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
 
@@ -257,7 +257,7 @@ def check_instance(strategy: Any, where: str) -> None:
                 strategy.check()
             except ScheduleError as exc:
                 raise ScheduleError(f"{where}: {exc}") from None
-            except Exception:  # the strategy's check tripped over the wrong type: ours says more
+            except Exception:  # noqa: BLE001, S110 - its check tripped over the wrong type: ours says more
                 pass
             raise ScheduleError(
                 f"{where}: {type(strategy).__name__}({key}={value!r}) has the wrong type; write {describe(hint)}"

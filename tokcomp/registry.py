@@ -255,7 +255,7 @@ def select_adapter(model: Any) -> tuple[Registration | None, list[str]]:
     for reg in adapter_order():
         try:
             ok = bool(reg.obj.supports(model))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break other models
             problems.append(
                 f"adapter {reg.name!r} (package {reg.package!r}) raised in supports(): {type(exc).__name__}: {exc}"
             )

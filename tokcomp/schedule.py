@@ -116,7 +116,7 @@ def _layers(layers: Any) -> list[int] | None:
     """``layers`` as a list of ints; a string, floats or bools are refused (each could hide a typo)."""
     if layers is None:
         return None
-    if isinstance(layers, bool) or isinstance(layers, (str, bytes)) or isinstance(layers, float):
+    if isinstance(layers, (bool, str, bytes, float)):
         raise ScheduleError(
             f"layers={layers!r}: write an int, a range or a list of ints (layers=[2, 3] or range(2, 28))"
         )
@@ -316,7 +316,7 @@ class Schedule:
         if isinstance(schedule, Strategy):
             raise ScheduleError(
                 f"got a bare strategy {type(schedule).__name__}; wrap it in a stage that says where it runs: "
-                f"tc.Stage({type(schedule).__name__}(...), site={sorted(schedule.sites)[0]!r}, layers=[...])"
+                f"tc.Stage({type(schedule).__name__}(...), site={min(schedule.sites)!r}, layers=[...])"
             )
         if isinstance(schedule, (list, tuple)):
             stages = []
