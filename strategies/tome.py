@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -289,6 +289,20 @@ class ToMe(VisualStrategy):
     def default_layers(self, num_layers: int) -> list[int]:
         """Every block (the reference merges in all of them); from block 1 with ``metric="keys"``."""
         return list(range(1 if self.metric == "keys" else 0, num_layers))
+
+    def validate(self, stage: Any, adapter: Any) -> None:
+        """A per-block ``r`` list must not be longer than the stage's blocks (the projector runs once)."""
+        super().validate(stage, adapter)
+        if isinstance(self.r, list):
+            if stage.site == "projector":
+                n = 1
+            else:
+                n = len(set(stage.layers if stage.layers is not None else self.default_layers(adapter.num_vision_blocks)))
+            if len(self.r) > n:
+                raise ScheduleError(
+                    f"tome: r={self.r!r} has {len(self.r)} per-block values but the stage runs at {n} block(s); "
+                    f"shorten the list to {n} or schedule more blocks"
+                )
 
     def reduce(self, tokens: VisualTokens) -> VisualTokens:
         """Merge ``r`` tokens of every frame."""

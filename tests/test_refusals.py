@@ -338,7 +338,8 @@ def test_adapter_order_is_fixed_and_a_raising_supports_is_skipped(qwen):
             assert type(tc.find_adapter(other)).name == "llava"  # the broken adapter breaks no other model
         assert any("'z-broken'" in str(w.message) and "broken-package" in str(w.message)
                    and "supports() is broken" in str(w.message) for w in caught)
-        tc.compress(other, [tc.Stage("spu", layers=[2])])
+        with pytest.warns(UserWarning, match="z-broken"):
+            tc.compress(other, [tc.Stage("spu", layers=[2])])
     finally:
         for mod in (broken, overlap):
             if registry.plugin_manager().is_registered(mod):
