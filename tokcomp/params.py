@@ -16,10 +16,13 @@ from __future__ import annotations
 import collections.abc as cabc
 import dataclasses
 import difflib
+import numbers
 import types
 import typing
 from functools import cache
 from typing import Any, Literal, Union
+
+import numpy as np
 
 from .errors import ScheduleError
 
@@ -64,10 +67,10 @@ def matches(value: Any, hint: Any) -> bool:
         return any(value == a and type(value) is type(a) for a in _args(hint))
     if hint is bool:
         return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is int:  # numpy integers too; a bool never
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
     if hint is str:
         return isinstance(value, str)
     if origin is tuple:
@@ -181,8 +184,10 @@ def to_file_value(value: Any, hint: Any) -> Any:
                 return to_file_value(value, h)
         return _plain(value)
     origin = typing.get_origin(hint)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
+    if hint is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
     if origin is tuple and isinstance(value, tuple):
         args = _args(hint)
         if len(args) == 2 and args[1] is Ellipsis:
