@@ -470,7 +470,9 @@ class OIM(VisualStrategy):
     Args:
         rate: Fraction of the lines along the iteration's axis removed per iteration.
         r: Lines removed per iteration (overrides ``rate``; rounded down to the grid unit).
-        metric: ``"keys"`` (the previous block's attention keys, head-averaged) or ``"hidden"``.
+        metric: ``"keys"`` (the previous block's attention keys, head-averaged), ``"hidden"``, or ``"auto"``
+            (the default: keys where an earlier block exists, the hidden states at block 0, which has no
+            previous block). ``"keys"`` at block 0 is refused at `tokcomp.compress`.
         mode: ``"lines"`` (whole columns/rows) or ``"pairs"`` (adjacent token pairs inside each row).
         first_axis: ``"width"`` or ``"height"``.
         proportional_attention: Add ``log size`` to the attention logits in the following blocks.
@@ -481,9 +483,9 @@ class OIM(VisualStrategy):
     name: ClassVar[str] = "oim"
     rate: float = 0.25
     r: int | None = None
-    metric: str = "keys"
-    mode: str = "lines"
-    first_axis: str = "width"
+    metric: Literal["keys", "hidden", "auto"] = "auto"
+    mode: Literal["lines", "pairs"] = "lines"
+    first_axis: Literal["width", "height"] = "width"
     proportional_attention: bool = True
     iterations: int | None = None
 
@@ -495,8 +497,8 @@ class OIM(VisualStrategy):
             raise ScheduleError(f"oim: rate must be in [0, 1) (fraction of lines removed), got {self.rate}")
         if self.r is not None and self.r < 0:
             raise ScheduleError(f"oim: r must be >= 0, got {self.r}")
-        if self.metric not in ("keys", "hidden"):
-            raise ScheduleError(f"oim: metric must be 'keys' or 'hidden', got {self.metric!r}")
+        if self.metric not in ("keys", "hidden", "auto"):
+            raise ScheduleError(f"oim: metric must be 'keys', 'hidden' or 'auto', got {self.metric!r}")
         if self.mode not in ("lines", "pairs"):
             raise ScheduleError(f"oim: mode must be 'lines' or 'pairs', got {self.mode!r}")
         if self.first_axis not in ("width", "height"):
@@ -552,7 +554,9 @@ class OIM(VisualStrategy):
                 r = self.r if self.r is not None else rate_to_r(side, self.rate, mult)
                 r = min(r, max(0, side - mult))
                 r -= r % mult
-                metric = fr.metric if (self.metric == "keys" and fr.metric is not None) else fr.x
+                if self.metric == "keys" and fr.metric is None:
+                    raise RuntimeStateError(f"oim: metric='keys' but no attention keys reached block {tokens.layer}")
+                metric = fr.metric if (self.metric != "hidden" and fr.metric is not None) else fr.x
                 x, size, pos, owner = merge(fr.x, fr.size, fr.pos, fr.owner, metric, axis, r, mult)
                 removed += fr.num_tokens - x.shape[0] * x.shape[1]
                 frames.append(FrameGrid(x, size, pos, owner))

@@ -182,7 +182,9 @@ def euti_select(scores: Tensor, n_keep: int) -> Tensor:
 
     Args:
         scores: 1-D scores, e.g. from :func:`euti_scores`. Must not contain NaN.
-        n_keep: How many to keep, ``>= 0``; values ``>= len(scores)`` keep everything.
+        n_keep: How many to keep, ``>= 0``; values ``>= len(scores)`` keep everything. ``0`` (when
+            ``int(N * λ)`` truncates to 0) keeps what the reference keeps: every token scored above the
+            minimum, i.e. all but the lowest-scored ones.
 
     Returns:
         Sorted LongTensor of kept indices (into ``scores``), on the device of ``scores``.
@@ -198,6 +200,11 @@ def euti_select(scores: Tensor, n_keep: int) -> Tensor:
         raise ValueError("scores contain NaN; the top-k order is undefined")
     # A stable descending sort keeps equal scores in ascending index order: that is the tie rule.
     order = torch.sort(scores, descending=True, stable=True).indices
+    if n_keep == 0 and scores.numel():
+        # The reference reads the threshold as the n_keep-th largest score, sorted_scores[n_keep - 1]: with
+        # n_keep = 0 that index is -1, the *smallest* score, so it keeps every token scored above the
+        # minimum (all but the lowest-scored ones), not none. Followed here, as the reference does it.
+        return (scores > scores.min()).nonzero().squeeze(1)
     return order[:n_keep].sort().values
 
 

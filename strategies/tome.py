@@ -242,53 +242,101 @@ class ToMe(VisualStrategy):
     reference in one respect: tokcomp runs it at the *input* of the scheduled blocks, with the previous
     block's keys, instead of between a block's attention and its MLP.
 
+    On a tower with a class token (CLIP in LLaVA-1.5) the reference matches on ``[CLS] + patches`` with the
+    class token protected: the CLS takes the first A slot, so the patches alternate the other way round, and
+    the unmerged tokens come out in index order. That is the default here (``class_token=None`` follows the
+    tower); the CLS itself stays where the runtime holds it, never merged. ``class_token=False`` matches on
+    the patches alone (tokcomp's earlier behaviour).
+
     Args:
         r: Tokens removed per scheduled block: an int, ``(r, inflect)`` or a per-block list (ToMe's forms,
-            over the stage's blocks).
-        metric: ``"keys"`` or ``"hidden"``.
+            over the stage's blocks). In a schedule file ``(r, inflect)`` is written ``[r, inflect]`` with a
+            float ``inflect`` (``[8, -1.0]``); a list of ints is the per-block form.
+        metric: ``"keys"``, ``"hidden"`` or ``"auto"`` (keys after block 0, hidden states at block 0 and at
+            the projector).
         proportional_attention: Add ``log size`` to the attention logits in the following blocks.
-        class_token: Protect the first token of each frame (a CLS token) from merging.
+        class_token: Match as the reference does with a protected class token in front of the patches.
+            ``None``: when the tower has one; ``True``: always; ``False``: never.
+
+    Examples:
+        >>> from tokcomp.strategies import ToMe
+        >>> ToMe(r=(8, -1.0)).check()
     """
 
     name: ClassVar[str] = "tome"
     preserves_grid: ClassVar[bool] = False
-    r: Any = 8
-    metric: str = "keys"
+    r: int | list[int] | tuple[int, float] = 8
+    metric: Literal["keys", "hidden", "auto"] = "auto"
     proportional_attention: bool = True
-    class_token: bool = False
+    class_token: bool | None = None
 
     def check(self) -> None:
         """The schedule form must parse."""
         try:
-            parse_r(4, self.r)
+            values = parse_r(max(4, len(self.r) if isinstance(self.r, list) else 4), self.r)
         except (TypeError, ValueError) as exc:
             raise ScheduleError(f"tome: bad r={self.r!r}: {exc}") from None
-        if self.metric not in ("keys", "hidden"):
-            raise ScheduleError(f"tome: metric must be 'keys' or 'hidden', got {self.metric!r}")
+        if isinstance(self.r, list) and any(v < 0 for v in values):
+            raise ScheduleError(
+                f"tome: r={self.r!r}: per-block values must be >= 0; for ToMe's (r, inflect) form write a "
+                f"tuple, or in a file [r, inflect] with a float inflect ([{self.r[0]}, {float(self.r[-1])}])"
+            )
+        if isinstance(self.r, int) and self.r < 0:
+            raise ScheduleError(f"tome: r must be >= 0 (tokens removed per block), got {self.r}")
+        if self.metric not in ("keys", "hidden", "auto"):
+            raise ScheduleError(f"tome: metric must be 'keys', 'hidden' or 'auto', got {self.metric!r}")
 
     def default_layers(self, num_layers: int) -> list[int]:
-        """Every block (the reference merges in all of them)."""
-        return list(range(num_layers))
+        """Every block (the reference merges in all of them); from block 1 with ``metric="keys"``."""
+        return list(range(1 if self.metric == "keys" else 0, num_layers))
+
+    def validate(self, stage: Any, adapter: Any) -> None:
+        """A per-block ``r`` list must not be longer than the stage's blocks (the projector runs once)."""
+        super().validate(stage, adapter)
+        if isinstance(self.r, list):
+            if stage.site == "projector":
+                n = 1
+            else:
+                n = len(set(stage.layers if stage.layers is not None else self.default_layers(adapter.num_vision_blocks)))
+            if len(self.r) > n:
+                raise ScheduleError(
+                    f"tome: r={self.r!r} has {len(self.r)} per-block values but the stage runs at {n} block(s); "
+                    f"shorten the list to {n} or schedule more blocks"
+                )
 
     def reduce(self, tokens: VisualTokens) -> VisualTokens:
         """Merge ``r`` tokens of every frame."""
         r = parse_r(len(tokens.stage_layers), self.r)[tokens.iteration]
+        cls = bool(tokens.prefix) if self.class_token is None else self.class_token
         items = []
         for it in tokens.items:
             frames = []
             for fr in it.frames:
                 n = fr.num_tokens
-                x = fr.x.reshape(1, n, -1)
-                m = fr.metric if (self.metric == "keys" and fr.metric is not None) else fr.x
-                merge, _ = bipartite_soft_matching(m.reshape(1, n, -1).float(), r, class_token=self.class_token)
+                x = fr.x.reshape(1, n, -1).float()
+                if self.metric == "keys" and fr.metric is None:
+                    raise ScheduleError(f"tome: metric='keys' but no attention keys reached block {tokens.layer}")
+                m = fr.metric if (self.metric != "hidden" and fr.metric is not None) else fr.x
+                m = m.reshape(1, n, -1).float()
                 size = fr.size.reshape(1, n, 1).float()
-                xm, new_size = merge_wavg(merge, x.float(), size)
-                pos, _ = merge_wavg(merge, fr.pos.reshape(1, n, 2).float(), size)
-                onehot = torch.eye(n, device=x.device).unsqueeze(0)
-                old_to_new = merge(onehot, mode="amax")[0].argmax(0)  # (n,) new index of each old token
+                pos = fr.pos.reshape(1, n, 2).float()
+                if cls:
+                    # The reference's [CLS] + patches: a protected slot in front. Its values never reach a
+                    # patch (it is an A token that cannot be a source, and nothing merges into A), so a zero
+                    # stands in for the CLS the runtime holds aside; it is dropped again after the merge.
+                    m, x, pos = (torch.cat([t.new_zeros(1, 1, t.shape[-1]), t], 1) for t in (m, x, pos))
+                    size = torch.cat([size.new_ones(1, 1, 1), size], 1)
+                t = n + int(cls)
+                merge, _ = bipartite_soft_matching(m, r, class_token=cls)
+                xm, new_size = merge_wavg(merge, x, size)
+                pm, _ = merge_wavg(merge, pos, size)
+                onehot = torch.eye(t, device=x.device).unsqueeze(0)
+                old_to_new = merge(onehot, mode="amax")[0].argmax(0)  # (t,) new index of each old token
+                if cls:  # the CLS slot is first in the output (unmerged A tokens in index order)
+                    xm, new_size, pm, old_to_new = xm[:, 1:], new_size[:, 1:], pm[:, 1:], old_to_new[1:] - 1
                 k = xm.shape[1]
                 frames.append(FrameGrid(xm.to(fr.x.dtype).reshape(1, k, -1), new_size.reshape(1, k),
-                                        pos.reshape(1, k, 2), old_to_new[fr.owner], None, is_grid=False))
+                                        pm.reshape(1, k, 2), old_to_new[fr.owner], None, is_grid=False))
             items.append(VisualItemTokens(it.kind, frames, it.original))
         return VisualTokens(items, tokens.site, tokens.layer, tokens.num_layers, tokens.stage_layers,
-                            tokens.multiple, {"r": r})
+                            tokens.multiple, {"r": r}, tokens.prefix)

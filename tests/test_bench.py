@@ -81,7 +81,7 @@ def test_result_is_json_with_every_field(bench):
         assert fid["kl_first_token"] >= -1e-6 and math.isfinite(fid["kl_first_token"])
         assert 0.0 <= fid["greedy_agreement"] <= 1.0
         assert len(fid["tokens"]) == 2 and all(len(t) == 3 for t in fid["tokens"])
-    assert d["schedules"]["broken"]["error"].startswith("ValueError")
+    assert d["schedules"]["broken"]["error"].startswith("ScheduleError")
     assert d["schedules"]["broken"]["prefill_s"] is None
 
 

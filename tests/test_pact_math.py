@@ -498,7 +498,11 @@ def test_euti_select_ties_by_lower_index() -> None:
     assert euti_select(scores, 3).tolist() == [1, 2, 3]
     assert euti_select(scores, 4).tolist() == [1, 2, 3, 4]
     assert euti_select(torch.full((5,), 0.5), 2).tolist() == [0, 1]
-    assert euti_select(scores, 0).tolist() == []
+    # int(N * λ) = 0: the reference's threshold is sorted_scores[n_keep - 1] = sorted_scores[-1], the minimum,
+    # and it keeps every score above it (then fills ties up to n_keep = 0: none): all but the lowest token
+    thr = sorted(scores.tolist(), reverse=True)[0 - 1]
+    assert euti_select(scores, 0).tolist() == [i for i, v in enumerate(scores.tolist()) if v > thr] == [1, 2, 3, 4, 5]
+    assert euti_select(torch.full((4,), 0.5), 0).tolist() == []
     assert euti_select(scores, 6).tolist() == list(range(6))
     assert euti_select(scores, 100).tolist() == list(range(6))
     assert euti_select(torch.zeros(0), 3).tolist() == []
@@ -508,15 +512,16 @@ def test_euti_select_ties_by_lower_index() -> None:
 @FAST
 @given(scores=st.lists(st.integers(0, 4), max_size=40), n_keep=st.integers(0, 45))
 def test_euti_select_matches_threshold_rule(scores: list[int], n_keep: int) -> None:
-    # The reference's rule literally: thr = n_keep-th largest; keep s > thr, then s == thr by ascending index.
+    # The reference's rule literally: thr = sorted_scores[n_keep - 1] (index -1, the minimum, when n_keep is 0);
+    # keep s > thr, then fill with s == thr by ascending index while fewer than n_keep are kept.
     n = len(scores)
     kept: list[int] = []
     if n_keep >= n:
         kept = list(range(n))
-    elif n_keep > 0:
+    else:
         thr = sorted(scores, reverse=True)[n_keep - 1]
         kept = [i for i in range(n) if scores[i] > thr]
-        kept += [i for i in range(n) if scores[i] == thr][: n_keep - len(kept)]
+        kept += [i for i in range(n) if scores[i] == thr][: max(0, n_keep - len(kept))]
     got = euti_select(torch.tensor(scores, dtype=torch.float32), n_keep)
     assert got.tolist() == sorted(kept)
 

@@ -68,6 +68,7 @@ from typing import Any
 
 import torch
 
+from .errors import ScheduleError, UsageError
 from .flops import (
     COMPONENTS,
     LayerShape,
@@ -76,8 +77,9 @@ from .flops import (
     qwen2_5_vl_window_groups,
     vision_flops,
 )
+from .params import suggest
 from .report import Report
-from .schedule import Schedule, Stage
+from .schedule import Schedule
 
 __all__ = [
     "BenchResult",
@@ -888,39 +890,39 @@ def _finite(obj: Any) -> Any:
 # Schedules
 # ---------------------------------------------------------------------------------------------------------
 def load_schedule(spec: Any) -> Schedule:
-    """A schedule from a spec: a `Schedule`, a list of `Stage`, a registered preset name, a JSON file
-    (`Schedule.from_file`), or ``"package.module:attr"`` naming a Schedule or a function returning one.
+    """A schedule from a spec: anything `Schedule.coerce` takes (a `Schedule`, a `Stage`, a list of stages or
+    stage dicts, a preset name), a JSON or YAML file (`Schedule.from_file`), or ``"package.module:attr"``
+    naming a Schedule or a function returning one.
 
     Raises:
-        TypeError: If the spec is of an unknown type.
-        ValueError: If a string spec names no preset, file or importable object.
+        ScheduleError: The spec names no preset, file or importable object, or what it names is refused
+            (a `ValueError`, as before).
     """
-    if isinstance(spec, Schedule):
-        return spec
-    if isinstance(spec, (list, tuple)) and all(isinstance(s, Stage) for s in spec):
-        return Schedule(list(spec))
     if not isinstance(spec, str):
-        raise TypeError(f"cannot make a schedule from {type(spec).__name__}")
+        return Schedule.coerce(spec)
     from . import registry
 
     if spec in registry.presets():
         return Schedule.preset(spec)
     path = Path(spec)
-    if spec.endswith(".json") or path.is_file():
+    if path.suffix.lower() in (".json", ".yaml", ".yml") or path.is_file():
         if not path.is_file():
-            raise ValueError(f"schedule file {spec} does not exist")
+            raise ScheduleError(f"schedule file {spec} does not exist")
         return Schedule.from_file(path)
     if ":" in spec:
         mod_name, attr = spec.split(":", 1)
-        obj: Any = importlib.import_module(mod_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        try:
+            obj: Any = importlib.import_module(mod_name)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as exc:
+            raise ScheduleError(f"schedule {spec!r}: cannot import it: {type(exc).__name__}: {exc}") from None
         if callable(obj) and not isinstance(obj, Schedule):
             obj = obj()
         return load_schedule(obj)
-    raise ValueError(
-        f"unknown schedule {spec!r}: use a preset name ({', '.join(sorted(registry.presets()))}), a JSON "
-        "file, or 'module:attr'"
+    raise ScheduleError(
+        f"unknown schedule {spec!r}{suggest(spec, registry.presets())}: use a preset name ({', '.join(sorted(registry.presets()))}), a JSON or "
+        "YAML file, or 'module:attr'"
     )
 
 
@@ -1086,9 +1088,9 @@ def run_bench(
     import tokcomp as tc
 
     if repeats < 1:
-        raise ValueError("repeats must be >= 1")
+        raise UsageError("repeats must be >= 1")
     if new_tokens < 1:
-        raise ValueError("new_tokens must be >= 1")
+        raise UsageError("new_tokens must be >= 1")
     t_start = time.perf_counter()
     dev = device or str(next(model.parameters()).device)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -1420,7 +1422,7 @@ def build_model_and_inputs(
     elif Path(spec).is_dir():
         model, inputs, minfo, iinfo = _from_checkpoint(spec, visual_tokens, batch, dtype)
     else:
-        raise ValueError(
+        raise UsageError(
             f"--model {spec!r}: not tiny:ARCH, not a shape ({', '.join(shapes.SHAPES)}) and not an existing "
             "folder (checkpoints are only loaded from local paths; nothing is downloaded)"
         )
@@ -1457,11 +1459,20 @@ def _from_checkpoint(path: str, visual_tokens: int, batch: int, dtype: torch.dty
 
 
 def cli(args: Any) -> int:
-    """Run ``tokcomp bench`` with parsed arguments; prints a table, writes ``--json`` / ``--plot``."""
+    """Run ``tokcomp bench`` with parsed arguments; prints a table, writes ``--json`` / ``--plot``.
+
+    Returns:
+        0; 1 when a schedule failed on the model (its error is printed with the table).
+
+    Raises:
+        ScheduleError: A ``--schedule`` does not load (checked before the model is built).
+    """
     from rich.console import Console
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    for spec in args.schedule or ():
+        load_schedule(spec)  # a schedule that does not load stops the command here (exit status 2)
     console = Console(stderr=False)
     model, inputs, minfo, iinfo = build_model_and_inputs(
         args.model,
@@ -1475,7 +1486,7 @@ def cli(args: Any) -> int:
     specs = args.schedule or (
         ["luvc"] if getattr(model.config, "model_type", "").startswith("qwen2") else ["spu"]
     )
-    names = [Path(s).stem if s.endswith(".json") else s for s in specs]
+    names = [Path(s).stem if Path(s).suffix.lower() in (".json", ".yaml", ".yml") else s for s in specs]
     res = run_bench(
         model,
         inputs,
@@ -1498,13 +1509,13 @@ def cli(args: Any) -> int:
     )
     for note in res.notes:
         console.print(f"[dim]- {note}[/dim]")
-    for r in res.schedules.values():
-        if r.error:
-            console.print(f"[red]{r.name}: {r.error}[/red]")
+    failed = [r for r in res.schedules.values() if r.error]
+    for r in failed:
+        console.print(f"[red]{r.name}: {r.error}[/red]")
     if args.json:
         res.save_json(args.json)
         console.print(f"wrote {args.json}")
     if args.plot:
         plot_speedups(res, args.plot)
         console.print(f"wrote {args.plot}")
-    return 0
+    return 1 if failed else 0

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from .errors import TokcompError
 
 __all__ = ["DemoResult", "main", "run_demo"]
 
@@ -115,7 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     bench.add_arguments(sub.add_parser("bench", help="time a schedule against the uncompressed model"))
     viz.add_arguments(sub.add_parser("visualize", help="draw which image patches survive each stage (PNG)"))
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # bad arguments: argparse prints the usage and exits with status 2
+    try:
+        return _run(args)
+    except (TokcompError, OSError) as exc:  # a user's mistake (bad schedule, layer, file): one line, no traceback
+        print(f"tokcomp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tokcomp import bench, viz
+
     if args.command == "bench":
         return bench.cli(args)
     if args.command == "visualize":

@@ -268,7 +268,9 @@ class VisualStrategy(Strategy):
 
     Attributes:
         metric: ``"keys"`` asks the runtime for the previous block's attention keys (head-averaged) as
-            each frame's ``metric``; ``"hidden"`` uses the hidden states.
+            each frame's ``metric``; ``"hidden"`` uses the hidden states; ``"auto"`` uses the keys where an
+            earlier block exists and the hidden states at block 0 and at the projector (where there are no
+            keys). ``"keys"`` at block 0 or at the projector site is refused at `tokcomp.compress`.
         proportional_attention: After a merge, the following encoder blocks add ``log size`` to the
             attention logits of each key.
     """
@@ -282,7 +284,20 @@ class VisualStrategy(Strategy):
         raise NotImplementedError
 
     def validate(self, stage: Stage, adapter: Adapter) -> None:
-        """A grid-breaking strategy cannot feed a projector that needs the grid."""
+        """A grid-breaking strategy cannot feed a projector that needs the grid; keys need an earlier block."""
+        if self.metric == "keys":
+            if stage.site == "projector":
+                raise ScheduleError(
+                    f"{self.name!r}: metric='keys' reads an encoder block's attention keys, which do not exist at "
+                    "the projector site; use metric='hidden' (or 'auto')"
+                )
+            layers = stage.layers if stage.layers is not None else self.default_layers(adapter.num_vision_blocks)
+            if stage.site == "encoder" and 0 in layers:
+                raise ScheduleError(
+                    f"{self.name!r}: metric='keys' at encoder block 0: the keys come from the previous block, and "
+                    "block 0 has none. Start the stage at block 1, or use metric='auto' (hidden states at block "
+                    "0, keys after it) or metric='hidden'"
+                )
         if not self.preserves_grid and stage.site == "encoder" and adapter.encoder_grid_reason:
             raise ScheduleError(
                 f"{self.name!r} merges tokens without keeping the 2-D grid, but the {adapter.name!r} adapter "
@@ -350,6 +365,8 @@ class Adapter:
         grid_multiple: The projector's grid unit: encoder-side merges must keep grid sides divisible by it.
         encoder_grid_reason: Non-empty when what follows the encoder needs a 2-D grid even though the
             projector works per token (it says why, for the validator's message).
+        priority: Where two adapters support the same model, the higher ``priority`` is chosen; on a tie a
+            third-party adapter before a built-in one, then by name (`tokcomp.registry.adapter_order`).
     """
 
     name: ClassVar[str] = ""
@@ -357,6 +374,7 @@ class Adapter:
     sites: ClassVar[frozenset[str]] = frozenset({"llm"})
     grid_multiple: ClassVar[int] = 1
     encoder_grid_reason: ClassVar[str] = ""
+    priority: ClassVar[int] = 0
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import checked_reduce
 from .contracts import LLMInput, SampleLayout, VisualItem, VisualStrategy
 from .errors import RuntimeStateError, ScheduleError
 from .schedule import ResolvedStage
@@ -224,10 +225,10 @@ class VisionSession:
 
     def needs_keys(self) -> bool:
         """Whether some stage measures similarity on attention keys."""
-        return any(getattr(s.strategy, "metric", "") == "keys" for s in self.encoder_stages)
+        return any(getattr(s.strategy, "metric", "") in ("keys", "auto") for s in self.encoder_stages)
 
-    def run(self, site: str, layer: int, tokens: list[VisualItemTokens]) -> list[VisualItemTokens]:
-        """Apply every stage of ``site`` scheduled at ``layer`` to ``tokens``."""
+    def run(self, site: str, layer: int, tokens: list[VisualItemTokens], prefix: int = 0) -> list[VisualItemTokens]:
+        """Apply every stage of ``site`` scheduled at ``layer`` to ``tokens`` (``prefix``: `VisualTokens.prefix`)."""
         stages = self.encoder_stages if site == "encoder" else self.projector_stages
         t0 = time.perf_counter()
         for stage in stages:
@@ -238,8 +239,8 @@ class VisionSession:
                 raise RuntimeStateError(f"{stage.label}: {type(strategy).__name__} cannot run at {site}")
             before = [it.num_tokens for it in tokens]
             multiple = self.multiple if site == "encoder" else 1
-            vt = VisualTokens(tokens, site, layer, self.num_blocks, stage.layers, multiple)
-            out = strategy.reduce(vt)
+            vt = VisualTokens(tokens, site, layer, self.num_blocks, stage.layers, multiple, prefix=prefix)
+            out = checked_reduce(stage.label, strategy, vt)
             for it, old in zip(out.items, tokens):
                 shapes = {f.shape for f in it.frames}
                 if len(shapes) != 1 or len(it.frames) != len(old.frames):
@@ -468,7 +469,7 @@ class RowTowerHooks:
                 return None
             hs = hidden_states_of(args, kwargs)
             if i in self.session.encoder_blocks():
-                items = self.session.run("encoder", i, self._unpack(hs, i))
+                items = self.session.run("encoder", i, self._unpack(hs, i), self.spec.prefix)
                 hs = self._pack(items, hs)
             if call.items is not None:
                 call.tokens_per_block[i] = [int(hs.shape[1])] * int(hs.shape[0])

@@ -9,6 +9,7 @@ __all__ = [
     "TokcompError",
     "UnsupportedModelError",
     "UnsupportedVersionError",
+    "UsageError",
 ]
 
 
@@ -34,3 +35,8 @@ class RuntimeStateError(TokcompError, RuntimeError):
 
 class UnsupportedVersionError(TokcompError, RuntimeError):
     """The installed `transformers` is outside the range tokcomp is tested on (see `tokcomp.compat`)."""
+
+
+class UsageError(TokcompError, ValueError):
+    """A command-line argument is wrong (``tokcomp visualize --layers 99`` on an 8-layer model); the ``tokcomp``
+    command prints the message as one line and exits with status 2."""

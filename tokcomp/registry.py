@@ -26,6 +26,7 @@ from .hookspecs import PROJECT_NAME, TokcompHookSpecs
 
 __all__ = [
     "Registration",
+    "adapter_order",
     "adapters",
     "describe",
     "get_adapter",
@@ -35,6 +36,7 @@ __all__ = [
     "presets",
     "register_plugin",
     "reload",
+    "select_adapter",
     "strategies",
     "unregister_plugin",
 ]
@@ -114,7 +116,8 @@ def register_plugin(plugin: Any, name: str | None = None) -> None:
         _plugin_package[id(plugin)] = pkg
         try:
             _rebuild()
-        except PluginError:
+        except Exception:
+            # roll back: the registry answers exactly as before the call
             pm.unregister(plugin)
             _plugin_package.pop(id(plugin), None)
             _rebuild()
@@ -153,7 +156,19 @@ def _rebuild() -> dict[str, dict[str, Registration]]:
             impl = getattr(plugin, hook, None)
             if impl is None:
                 continue
-            impl(register=_registrar(tables[kind], kind, package))
+            # A hook that raises half-way must not leave half its names behind: register into a scratch
+            # copy and keep it only when the hook returns.
+            scratch = dict(tables[kind])
+            try:
+                impl(register=_registrar(scratch, kind, package))
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"the tokcomp plugin of package {package!r} raised in {hook}: {type(exc).__name__}: {exc}. "
+                    f"Fix or uninstall {package!r}."
+                ) from exc
+            tables[kind] = scratch
     _tables = tables
     return tables
 
@@ -217,6 +232,37 @@ def _get(kind: str, table: dict[str, Registration], name: str) -> Registration:
 def get_strategy(name: str) -> Registration:
     """The registration of strategy ``name``; a `ScheduleError` lists the known names otherwise."""
     return _get("strategy", strategies(), name)
+
+
+def adapter_order() -> list[Registration]:
+    """The registered adapters in the order `select_adapter` tries them.
+
+    The order is fixed, whatever order the plugins were loaded in: higher ``Adapter.priority`` first; on a
+    tie, third-party adapters before tokcomp's own (so a plugin can take over a model a built-in adapter
+    also supports); then by name.
+    """
+    regs = adapters().values()
+    return sorted(regs, key=lambda r: (-int(getattr(r.obj, "priority", 0)), r.package == PROJECT_NAME, r.name))
+
+
+def select_adapter(model: Any) -> tuple[Registration | None, list[str]]:
+    """The first adapter (in `adapter_order`) whose ``supports(model)`` is true, and the problems met.
+
+    An adapter whose ``supports()`` raises is skipped (it cannot break the choice for other models); the
+    returned list names it, its package and the exception, for the caller to report.
+    """
+    problems: list[str] = []
+    for reg in adapter_order():
+        try:
+            ok = bool(reg.obj.supports(model))
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break other models
+            problems.append(
+                f"adapter {reg.name!r} (package {reg.package!r}) raised in supports(): {type(exc).__name__}: {exc}"
+            )
+            continue
+        if ok:
+            return reg, problems
+    return None, problems
 
 
 def get_adapter(name: str) -> Registration:

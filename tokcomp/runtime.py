@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,8 @@ from typing_extensions import Self
 
 from . import registry
 from .compat import cache_of, check_transformers_version
-from .contracts import Adapter, LLMDecision, LLMStrategy, LLMView, Projections, SampleLayout
+from .checks import checked_select
+from .contracts import Adapter, LLMStrategy, LLMView, Projections, SampleLayout
 from .encoder import BIAS_PREFIX, VisionSession, enable_bias_attention, hidden_states_of, with_hidden_states
 from .errors import RuntimeStateError, ScheduleError, UnsupportedModelError
 from .report import Report, StageEvent
@@ -53,15 +55,17 @@ def find_adapter(model: nn.Module) -> Adapter:
     Raises:
         UnsupportedModelError: No adapter recognises the model; the message lists the supported classes.
     """
-    regs = registry.adapters()
-    for reg in regs.values():
-        if reg.obj.supports(model):
-            return reg.obj(model)
-    known = sorted({c for reg in regs.values() for c in reg.obj.model_classes})
+    reg, problems = registry.select_adapter(model)  # fixed order; a raising supports() is skipped, named
+    for p in problems:
+        warnings.warn(f"{p}; it was skipped", stacklevel=2)
+    if reg is not None:
+        return reg.obj(model)
+    known = sorted({c for reg in registry.adapters().values() for c in reg.obj.model_classes})
     raise UnsupportedModelError(
         f"no tokcomp adapter supports {type(model).__name__}. Supported model classes: {', '.join(known)}. "
         "Load the model with one of those classes (e.g. Qwen2VLForConditionalGeneration, not AutoModel for "
         "the bare backbone), or write an adapter plugin (docs: 'Adding an adapter')."
+        + "".join(f" Note: {p}." for p in problems)
     )
 
 
@@ -75,8 +79,9 @@ def compress(
 
     Args:
         model: A supported `transformers` model (e.g. ``Qwen2VLForConditionalGeneration``).
-        schedule: The stages to apply; a list of `Stage` is accepted; ``None`` or an empty schedule runs
-            the model unchanged (but still reports token counts).
+        schedule: The stages to apply: a `Schedule`, a `Stage`, a list of stages or stage dicts, a schedule
+            dict or a preset name (`Schedule.coerce`); ``None`` or an empty schedule runs the model unchanged
+            (but still reports token counts).
         allow_untested_transformers: Run on a `transformers` release outside
             `tokcomp.compat.TESTED_TRANSFORMERS`, with a warning, instead of refusing it.
 
@@ -89,12 +94,7 @@ def compress(
         UnsupportedVersionError: The installed `transformers` is outside the tested range.
     """
     check_transformers_version(allow_untested_transformers)
-    if schedule is None:
-        schedule = Schedule([])
-    elif isinstance(schedule, (list, tuple)):
-        schedule = Schedule(list(schedule))
-    elif isinstance(schedule, str):
-        schedule = Schedule.preset(schedule)
+    schedule = Schedule.coerce(schedule)  # a Stage, stage dicts, a schedule dict or a preset name too
     adapter = find_adapter(model)
     stages = schedule.resolve(adapter)
     impl = adapter.attn_implementation
@@ -579,17 +579,8 @@ class CompressionRun:
                 _scores=(lambda q, b=b, vs=vis_slots: scores_fn(q)[b, vs]) if scores_fn else None,
                 _projections=(lambda b=b: self._projections(layer, hs, b, rank[b])),
             )
-            decision = strategy.select(view)
-            if isinstance(decision, torch.Tensor):
-                decision = LLMDecision(keep=decision)
-            keep = decision.keep.to(device=hs.device, dtype=torch.long)
-            if keep.numel() and (
-                (keep[1:] <= keep[:-1]).any() or int(keep.min()) < 0 or int(keep.max()) >= n
-            ):
-                raise RuntimeStateError(
-                    f"{stage.label} at layer {layer}: keep must be ascending unique indices in [0, {n}), "
-                    f"got {keep.tolist()[:16]}"
-                )
+            decision = checked_select(stage.label, layer, strategy, view)
+            keep = decision.keep
             kept_slots = vis_slots[keep]
             if decision.hidden is not None:
                 new_hidden[b] = (kept_slots, decision.hidden)

@@ -100,6 +100,9 @@ class VisualTokens:
         stage_layers: The stage's sorted layers.
         multiple: Grid sides must stay divisible by this (the projector's unit).
         info: Numbers the strategy wants in the report.
+        prefix: Leading non-patch tokens (a CLS token) the tower runs in front of every frame; the runtime
+            holds them aside (they are never merged), so a strategy that matches as its reference does on
+            ``[CLS] + patches`` (ToMe) knows they exist.
     """
 
     items: list[VisualItemTokens]
@@ -109,6 +112,7 @@ class VisualTokens:
     stage_layers: tuple[int, ...]
     multiple: int = 1
     info: dict[str, object] = field(default_factory=dict)
+    prefix: int = 0
 
     @property
     def iteration(self) -> int:

@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 
 from .bench import load_schedule
+from .errors import UsageError
 
 __all__ = ["SUPPORTED", "add_arguments", "cli", "image_inputs", "provenance_figure", "qwen_image_inputs",
            "stage_provenance"]
@@ -592,19 +593,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--llm-layers", type=int, default=8, help="depth of the tiny LLM")
     p.add_argument("--max-tokens", type=int, default=256, help="LLM tokens the picture may use")
-    p.add_argument("--layers", default=None, help="LLM layers to show, e.g. 2,4,6 (default: automatic)")
+    p.add_argument("--layers", default=None, type=_layer_list,
+                   help="LLM layers to show, e.g. 2,4,6 (default: automatic)")
     p.add_argument("--out", default="provenance.png", help="PNG to write")
 
 
+def _layer_list(text: str) -> list[int]:
+    """``--layers 2,4,6`` as ints; argparse turns the error into a usage message (exit status 2)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer indices (2,4,6)") from None
+
+
 def cli(args: argparse.Namespace) -> int:
-    """Run ``tokcomp visualize`` with parsed arguments."""
+    """Run ``tokcomp visualize`` with parsed arguments.
+
+    Raises:
+        UsageError: ``--layers`` names a layer the model does not have.
+    """
+    import tokcomp as tc
+
     from . import testing
 
     model = testing.tiny_model(args.arch, num_hidden_layers=args.llm_layers)
     image = Image.open(args.image).convert("RGB") if args.image else testing.make_image(448, 336, seed=3)
     inputs = image_inputs(model, image, max_tokens=args.max_tokens)
     spec = args.schedule or args.preset or "luvc"
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    layers = args.layers or None
+    depth = tc.find_adapter(model).num_layers
+    bad = [x for x in layers or () if not 0 <= x < depth]
+    if bad:
+        raise UsageError(
+            f"--layers {','.join(map(str, bad))}: the model has fewer layers: {depth} LLM layers (valid "
+            f"0..{depth - 1}; --llm-layers sets the tiny model's depth)"
+        )
     fig = provenance_figure(
         model,
         inputs,
