@@ -17,7 +17,6 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDe
 
 import tokcomp as tc
 from tokcomp import testing
-from tokcomp.compat import cache_of
 
 ARCHS = ["qwen3_vl", "qwen3_vl_moe"]
 GEN = {"max_new_tokens": 4, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
@@ -27,10 +26,6 @@ def _batch(arch: str):
     frames = [testing.make_image(128, 96, seed=10 + s) for s in range(4)]
     images = [[testing.make_image(224, 168, seed=1)], [testing.make_image(140, 196, seed=2)]]
     return testing.tiny_inputs(arch, images, videos=[None, frames])
-
-
-def _cache(out):
-    return cache_of(vars(out)) if not hasattr(out, "past_key_values") else out.past_key_values
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -61,9 +56,10 @@ def test_empty_schedule_is_identity(arch):
     assert all_hooks(model) == []
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("layer", [0, 1, 3])  # 0, 1: before DeepStack adds; 3: after the last one
+@pytest.mark.parametrize(
+    ("arch", "attn", "layer"),  # layers 0, 1: before DeepStack adds; 3: after the last one
+    [("qwen3_vl", a, k) for a in ("sdpa", "eager") for k in (0, 1, 3)] + [("qwen3_vl_moe", "sdpa", 1)],
+)
 def test_drop_equals_mask(arch, attn, layer):
     """Pruning before a DeepStack layer prunes the injected features with the tokens: the logits equal the
     unpatched model's (which adds DeepStack at every visual position) with the dropped keys masked out."""
@@ -81,16 +77,17 @@ def test_drop_equals_mask(arch, attn, layer):
         torch.testing.assert_close(dropped[b, slots], masked[b, final[b][slots]], atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+_GEN_STAGES = {
+    "random-llm1": lambda: tc.Stage(RandomPrune(keep_ratio=0.5), layers=[1]),
+    "oim-encoder1": lambda: tc.Stage(OIM(rate=0.25), site="encoder", layers=[1]),
+    "downsample-projector": lambda: tc.Stage(Downsample(factor=2), site="projector"),
+}
+
+
 @pytest.mark.parametrize(
-    "stage",
-    [
-        lambda: tc.Stage(RandomPrune(keep_ratio=0.5), layers=[1]),
-        lambda: tc.Stage("fastv", layers=[2]),
-        lambda: tc.Stage(OIM(rate=0.25), site="encoder", layers=[1]),
-        lambda: tc.Stage(Downsample(factor=2), site="projector"),
-    ],
-    ids=["random-llm1", "fastv-llm2", "oim-encoder1", "downsample-projector"],
+    ("arch", "stage"),
+    [pytest.param("qwen3_vl", f, id=f"qwen3_vl-{k}") for k, f in _GEN_STAGES.items()]
+    + [pytest.param("qwen3_vl_moe", _GEN_STAGES["random-llm1"], id="qwen3_vl_moe-random-llm1")],
 )
 def test_generate_batch_equals_samples_and_cache_equals_recompute(arch, stage):
     model = cached_model(arch)
@@ -106,12 +103,9 @@ def test_generate_batch_equals_samples_and_cache_equals_recompute(arch, stage):
             singles.append((model.generate(**one, **GEN), one["input_ids"].shape[1]))
     assert min(rep.visual_tokens[-1][b] for b in range(2)) < 35, rep.visual_tokens
     assert all(rep.visual_tokens[-1][b] < n for b, n in enumerate(rep.uncompressed_visual))
-    if "fastv" not in rep.stages[0]:  # FastV re-scores with each step's last token without a cache
-        assert torch.equal(cached.sequences, fresh.sequences)
-        for a, b in zip(cached.scores, fresh.scores):
-            torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
-    else:
-        torch.testing.assert_close(cached.scores[0], fresh.scores[0], atol=2e-4, rtol=1e-4)
+    assert torch.equal(cached.sequences, fresh.sequences)
+    for a, b in zip(cached.scores, fresh.scores):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
     for i, (single, n) in enumerate(singles):
         assert torch.equal(single.sequences[0, n:], cached.sequences[i, L:])
         torch.testing.assert_close(single.scores[0][0], cached.scores[0][i], atol=2e-4, rtol=1e-4)
@@ -125,15 +119,17 @@ def _tower_outputs(model):
     return seen, handle
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+_ENCODER_STAGES = {
+    "oim-encoder1": lambda: tc.Stage(OIM(rate=0.25), site="encoder", layers=[1]),  # tap 0 before, 1-2 after
+    "oim-encoder0": lambda: tc.Stage(OIM(rate=0.5, metric="hidden", mode="pairs"), site="encoder", layers=[0]),
+    "oim-projector": lambda: tc.Stage(OIM(rate=0.3, iterations=2), site="projector"),
+}
+
+
 @pytest.mark.parametrize(
-    "stage",
-    [
-        lambda: tc.Stage(OIM(rate=0.25), site="encoder", layers=[1]),  # tap 0 before the merge, 1-2 after
-        lambda: tc.Stage(OIM(rate=0.5, metric="hidden", mode="pairs"), site="encoder", layers=[0]),
-        lambda: tc.Stage(OIM(rate=0.3, iterations=2), site="projector"),
-    ],
-    ids=["oim-encoder1", "oim-encoder0", "oim-projector"],
+    ("arch", "stage"),
+    [pytest.param("qwen3_vl", f, id=f"qwen3_vl-{k}") for k, f in _ENCODER_STAGES.items()]
+    + [pytest.param("qwen3_vl_moe", _ENCODER_STAGES["oim-encoder1"], id="qwen3_vl_moe-oim-encoder1")],
 )
 def test_llm_input_follows_the_encoder(arch, stage):
     """Compressed == the unpatched model given the compressed features and DeepStack features, with
