@@ -42,7 +42,18 @@ from tokcomp.tokens import VisualItemTokens
 
 from ._qwen_vl import QwenVLAdapterBase, _Call, _QwenVision
 
-__all__ = ["Qwen3VLAdapter", "regroup"]
+__all__ = ["QWEN3_5_REFUSAL", "Qwen3VLAdapter", "regroup"]
+
+QWEN3_5_REFUSAL = (
+    "Qwen3.5 (model_type qwen3_5 / qwen3_5_moe) is multimodal, with the Qwen3-VL vision tower, but 3 of every 4 "
+    "LLM layers are Gated DeltaNet linear-attention layers. Their state is a fixed-size recurrence, not a "
+    "per-token KV cache: pruning a token before such a layer means it is never written into the state, which "
+    "no attention mask reproduces (a hidden token still decays the state), and tokcomp's runtime assumes "
+    "per-token caches and 4-D masks in every layer it hooks. No tokcomp site is supported on Qwen3.5 yet "
+    "(see the docs page 'Qwen3-VL and Qwen3.5'); use a Qwen3-VL or Qwen2.5-VL checkpoint, or run Qwen3.5 "
+    "uncompressed."
+)
+"""Why `tokcomp.find_adapter` refuses the Qwen3.5 classes (the message of its `UnsupportedModelError`)."""
 
 
 class Qwen3VLAdapter(QwenVLAdapterBase):
@@ -53,6 +64,15 @@ class Qwen3VLAdapter(QwenVLAdapterBase):
         "Qwen3VLForConditionalGeneration",
         "Qwen3VLMoeForConditionalGeneration",
     )
+    refused_classes: ClassVar[dict[str, str]] = {
+        cls: QWEN3_5_REFUSAL
+        for cls in (
+            "Qwen3_5ForConditionalGeneration",
+            "Qwen3_5MoeForConditionalGeneration",
+            "Qwen3_5ForCausalLM",
+            "Qwen3_5MoeForCausalLM",
+        )
+    }
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)

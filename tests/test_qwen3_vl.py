@@ -199,3 +199,34 @@ def test_fastv_scores_use_the_per_head_norms():
     parts = tc.find_adapter(model).attention_parts(1)
     assert parts.q_norm is model.model.language_model.layers[1].self_attn.q_norm
     assert parts.k_norm is model.model.language_model.layers[1].self_attn.k_norm
+
+
+@pytest.mark.parametrize("cls_name", ["Qwen3_5ForConditionalGeneration", "Qwen3_5ForCausalLM"])
+def test_qwen3_5_is_refused_by_name_with_the_reason(cls_name):
+    """Qwen3.5 is multimodal (the Qwen3-VL tower), but its Gated DeltaNet layers keep no per-token cache:
+    compress() refuses it before installing anything, saying why."""
+    import transformers
+    from transformers.models.qwen3_5.configuration_qwen3_5 import (
+        Qwen3_5Config,
+        Qwen3_5TextConfig,
+        Qwen3_5VisionConfig,
+    )
+
+    text = Qwen3_5TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=4,
+    )
+    assert text.layer_types.count("linear_attention") == 3  # the released 3-of-4 pattern
+    if cls_name == "Qwen3_5ForCausalLM":
+        model = transformers.Qwen3_5ForCausalLM(text)
+    else:
+        config = Qwen3_5Config(text_config=text, vision_config=Qwen3_5VisionConfig(
+            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64))
+        model = transformers.Qwen3_5ForConditionalGeneration(config)
+        assert hasattr(model.model, "visual"), "the released class is multimodal"
+    with pytest.raises(tc.UnsupportedModelError) as info:
+        tc.compress(model, [])
+    msg = str(info.value)
+    assert cls_name in msg and "Qwen3.5" in msg and "Gated DeltaNet" in msg and "per-token" in msg, msg
+    assert all_hooks(model) == [] and not hasattr(model, "_tokcomp_active")

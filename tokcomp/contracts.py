@@ -354,10 +354,13 @@ class Adapter:
         grid_multiple: The projector's grid unit: encoder-side merges must keep grid sides divisible by it.
         encoder_grid_reason: Non-empty when what follows the encoder needs a 2-D grid even though the
             projector works per token (it says why, for the validator's message).
+        refused_classes: Model classes of a related family that the adapter knowingly does not drive, each
+            with the reason; `tokcomp.find_adapter` raises it instead of a generic "unsupported" error.
     """
 
     name: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
+    refused_classes: ClassVar[dict[str, str]] = {}
     sites: ClassVar[frozenset[str]] = frozenset({"llm"})
     grid_multiple: ClassVar[int] = 1
     encoder_grid_reason: ClassVar[str] = ""

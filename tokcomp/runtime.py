@@ -51,12 +51,17 @@ def find_adapter(model: nn.Module) -> Adapter:
     """The registered adapter that supports ``model``, instantiated for it.
 
     Raises:
-        UnsupportedModelError: No adapter recognises the model; the message lists the supported classes.
+        UnsupportedModelError: No adapter recognises the model; the message lists the supported classes, or
+            says why an adapter of a related family refuses it (`Adapter.refused_classes`).
     """
     regs = registry.adapters()
     for reg in regs.values():
         if reg.obj.supports(model):
             return reg.obj(model)
+    for reg in regs.values():
+        reason = reg.obj.refused_classes.get(type(model).__name__)
+        if reason:
+            raise UnsupportedModelError(f"{type(model).__name__} is not supported: {reason}")
     known = sorted({c for reg in regs.values() for c in reg.obj.model_classes})
     raise UnsupportedModelError(
         f"no tokcomp adapter supports {type(model).__name__}. Supported model classes: {', '.join(known)}. "
