@@ -98,7 +98,8 @@ class Qwen3VLAdapter(QwenVLAdapterBase):
         """A pre-hook on the language model that takes the DeepStack inputs off its call, and a forward hook
         on each receiving decoder layer that adds them at the visual tokens still present."""
         lm = self.language_model
-        hs = [lm.register_forward_pre_hook(self._take_deepstack, with_kwargs=True)]
+        hs = [lm.register_forward_pre_hook(self._take_deepstack, with_kwargs=True),
+              lm.register_forward_hook(self._drop_deepstack)]
         for j in range(min(self.deepstack_layers, self.num_layers)):
             hs.append(self.decoder_layers[j].register_forward_hook(self._add_deepstack(j)))
         return hs
@@ -116,6 +117,9 @@ class Qwen3VLAdapter(QwenVLAdapterBase):
         self._deepstack = (mask, list(embeds))
         kwargs["deepstack_visual_embeds"] = None  # added by the layer hooks instead, at the present slots
         return args, kwargs
+
+    def _drop_deepstack(self, module: torch.nn.Module, args: tuple, out: Any) -> None:
+        self._deepstack = None  # the features of one call only; do not keep them alive between calls
 
     def _add_deepstack(self, j: int) -> Any:
         def hook(module: torch.nn.Module, args: tuple, out: Any) -> Any:

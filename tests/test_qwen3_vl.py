@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import all_hooks, cached_model
 from einops import rearrange
-from test_adapters_matrix import _mask_oracle
+from test_adapters_matrix import _layouts_in_generate, _mask_oracle, _same_layouts
 from test_encoder_qwen import _shrunk
 from tokcomp.strategies import OIM, Downsample, RandomPrune
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
@@ -41,6 +41,8 @@ def test_layout_video_is_one_item_per_timestamped_run(arch):
     assert runs[11] + 1 < runs[12], "the two video runs are separated by the timestamp text"
     text = testing.tiny_tokenizer(arch).decode(ids[runs[11] + 1:runs[12]])
     assert "<|vision_end|>" in text and "<|vision_start|>" in text
+    # inside generate() the grids come from the M-RoPE position ids: the same items
+    _same_layouts(tc.find_adapter(model).layouts(dict(batch)), _layouts_in_generate(model, batch))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
