@@ -2,6 +2,7 @@
 
 This module gives tests, demos and third-party plugins the real model classes
 (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``,
 ``LlavaOnevisionForConditionalGeneration``, ``InternVLForConditionalGeneration`` and
 ``LlavaForConditionalGeneration``) at toy sizes, with random but deterministic weights, a tokenizer
 built in code and the real processor classes. Nothing is downloaded, and nothing needs torchvision:
@@ -17,7 +18,7 @@ Typical use::
     out = model.generate(**inputs, max_new_tokens=3)
     first = batch_item(inputs, 0)               # sample 0 alone, without padding
 
-All five architectures share one vocabulary layout (256 ids): ``<unk> <pad> <s> </s>`` at 0–3, the
+All architectures share one vocabulary layout (256 ids): ``<unk> <pad> <s> </s>`` at 0–3, the
 architecture's special tokens at 4–11 (the image placeholder is always id 4 and the video placeholder
 id 5), and the plain words ``w0`` … ``w243`` at 12–255, so a word has the same id in every architecture.
 """
@@ -235,6 +236,9 @@ def tiny_config(
       M-RoPE ``mrope_section [2, 3, 3]`` (sums to head_dim / 2 = 8).
     - ``qwen2_5_vl``: ``Qwen2_5_VLConfig``; ViT depth 4 with window attention (``window_size`` 56 px =
       2x2 merged tokens) and full attention in blocks ``[1, 3]``.
+    - ``qwen3_vl`` / ``qwen3_vl_moe``: ``Qwen3VLConfig`` / ``Qwen3VLMoeConfig`` (4 experts, 2 per token);
+      ViT depth 4, patch 16, a learned 8x8 position grid, DeepStack taps at blocks ``[0, 1, 2]`` (added
+      after LLM layers 0-2); text ``head_dim`` 16 with interleaved ``mrope_section [4, 2, 2]``.
     - ``llava_onevision``: ``LlavaOnevisionConfig``; SigLIP depth 2, 56 px tiles of 4x4 patches, anyres
       pinpoints up to 2x2 tiles, ``vision_feature_select_strategy="full"``, feature layer -1.
     - ``internvl``: ``InternVLConfig``; InternViT depth 2, 112 px tiles (8x8 patches, 4x4 tokens after the
@@ -604,6 +608,9 @@ def tiny_processor(arch: str) -> ProcessorMixin:
 
     - ``qwen2_vl`` / ``qwen2_5_vl``: ``Qwen2VLImageProcessorPil`` with ``min_pixels = 28*28*4`` and
       ``max_pixels = 28*28*64``, i.e. 4 to 64 merged tokens per image (224x168 -> 12x16 patches -> 48).
+    - ``qwen3_vl`` / ``qwen3_vl_moe``: the same image processor with 16 px patches and 32 px per token
+      (224x168 -> 224x160 -> 35 tokens). Videos are written as ``Qwen3VLProcessor`` writes them: one
+      ``<t seconds>`` text and one ``<|vision_start|>...<|vision_end|>`` run per temporal patch.
     - ``llava_onevision``: ``LlavaOnevisionImageProcessorPil`` with 56 px tiles and the config's
       pinpoints; ``num_image_tokens=16``.
     - ``internvl``: ``GotOcr2ImageProcessorPil`` with 112 px crops, ``crop_to_patches`` and at most 4 crops
@@ -620,8 +627,8 @@ def tiny_processor(arch: str) -> ProcessorMixin:
         arch: One of :data:`ARCHITECTURES`.
 
     Returns:
-        A ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``, ``LlavaOnevisionProcessor``, ``InternVLProcessor``
-        or ``LlavaProcessor``. It cannot be saved with ``save_pretrained`` (no video processor).
+        A ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``, ``Qwen3VLProcessor``, ``LlavaOnevisionProcessor``,
+        ``InternVLProcessor`` or ``LlavaProcessor``. It cannot be saved with ``save_pretrained`` (no video processor).
 
     Raises:
         ValueError: If ``arch`` is unknown.
@@ -1013,6 +1020,7 @@ def tiny_model(
 
     Returns:
         The model (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+        ``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``,
         ``LlavaOnevisionForConditionalGeneration``, ``InternVLForConditionalGeneration`` or
         ``LlavaForConditionalGeneration``) in eval mode, with its generation config's pad/bos/eos ids set
         to the tiny tokenizer's.
