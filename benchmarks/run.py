@@ -207,6 +207,22 @@ def cases(quick: bool, device: str) -> list[Case]:
             repeats=2,
         ),
     ]
+    # Qwen3-VL (DeepStack): luvc at 2k; on CPU 8 LLM layers (DeepStack adds after layers 0-2 are inside) and a
+    # tower reduced to the first published DeepStack tap (2B: block 5, 8B: block 8) plus one block
+    for shape, blocks in (("qwen3-vl-2b", 6), ("qwen3-vl-8b", 9)):
+        out.append(
+            Case(
+                f"{shape}-2k",
+                "shapes",
+                shape,
+                small,
+                None if gpu else blocks,
+                2048,
+                {"luvc": "luvc"},
+                repeats=2,
+                note="" if gpu else f"Vision tower reduced to {blocks} blocks: the first DeepStack tap is inside.",
+            )
+        )
     # LLaVA-OneVision and InternVL: the same schedules at 2k (8 LLM layers, 4 ViT blocks) and 8k (4 and 2)
     llm_presets = {p: p for p in ("luvc", "spu", "fastv", "pact", "vtw")}
     for prefix, shape in (("ov", "llava-ov-0.5b"), ("internvl", "internvl2.5-1b")):

@@ -38,6 +38,7 @@ from tokcomp.contracts import SITES, LLMStrategy, Strategy
 TINY_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",  # Qwen3-VL-MoE: tests/test_qwen3_vl.py
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
@@ -412,8 +413,11 @@ def test_attention_parts_reproduce_eager_attention(arch):
     B, L, _ = h.shape
     with torch.no_grad():
         x = parts.norm(h)
-        q = parts.q_proj(x).view(B, L, parts.num_heads, parts.head_dim).transpose(1, 2)
-        k = parts.k_proj(x).view(B, L, parts.num_kv_heads, parts.head_dim).transpose(1, 2)
+        q = parts.q_proj(x).view(B, L, parts.num_heads, parts.head_dim)
+        k = parts.k_proj(x).view(B, L, parts.num_kv_heads, parts.head_dim)
+        if parts.q_norm is not None:  # per-head norms before RoPE (Qwen3-VL)
+            q, k = parts.q_norm(q), parts.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
 
     def rope(t):
         half = t.shape[-1] // 2

@@ -12,7 +12,7 @@ from tokcomp.strategies import OIM
 import tokcomp as tc
 from tokcomp import testing
 
-ARCHS = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl", "llava"]
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl", "llava"]
 
 
 def _inputs(arch, dtype):

@@ -34,6 +34,11 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
+    Qwen3VLProcessor,
 )
 
 import tokcomp.testing as tt
@@ -56,6 +61,13 @@ EXPECTED = {
         Qwen2_5_VLProcessor,
         Qwen2VLImageProcessorPil,
     ),
+    "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen2VLImageProcessorPil),
+    "qwen3_vl_moe": (
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen2VLImageProcessorPil,
+    ),
     "llava_onevision": (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
@@ -70,7 +82,7 @@ EXPECTED = {
     ),
     "llava": (LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, CLIPImageProcessorPil),
 }
-VIDEO_ARCHS = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl")
+VIDEO_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl")
 QWEN = ("qwen2_vl", "qwen2_5_vl")
 IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images")
 
@@ -151,6 +163,11 @@ def test_config_details_per_architecture() -> None:
         "<|video_pad|>"
     )
     assert ov.video_token_id == tiny_tokenizer("llava_onevision").convert_tokens_to_ids("<video>")
+    for arch in ("qwen3_vl", "qwen3_vl_moe"):
+        q3 = tiny_config(arch)
+        assert (q3.vision_config.patch_size, q3.vision_config.spatial_merge_size) == (16, 2)
+        assert list(q3.vision_config.deepstack_visual_indexes) == [0, 1, 2]
+        assert sum(q3.get_text_config().rope_parameters["mrope_section"]) == 16 // 2
 
 
 @parametrize_arch
@@ -266,6 +283,8 @@ def test_default_inputs(arch: str) -> None:
     expected = {
         "qwen2_vl": [48, 35],
         "qwen2_5_vl": [48, 35],
+        "qwen3_vl": [35, 24],  # 32 px per token: 224x168 -> 224x160, 140x196 -> 128x192
+        "qwen3_vl_moe": [35, 24],
         "llava_onevision": [70, 72],
         "internvl": [80, 48],
         "llava": [16, 16],
@@ -362,6 +381,11 @@ def test_video_forward_generate_and_batch_item(arch: str) -> None:
     samples = [[picture(140, 196, 1)], []]
     videos = [frames, frames[::-1]]
     inputs = tiny_inputs(arch, samples, videos=videos)
+    if arch == "qwen3_vl":
+        # one timestamped run per temporal patch: 2 videos x 2 temporal patches x (1, 5, 7) tokens
+        runs = [r for r in tt.tiny_tokenizer(arch).decode(inputs["input_ids"][0]).split("<|vision_start|>")
+                if "<|video_pad|>" in r]
+        assert len(runs) == 2 and all(r.count("<|video_pad|>") == 35 for r in runs)
     if arch == "internvl":
         # InternVL's processor turns each frame into an image tile: 2 videos x 4 frames x 16 tokens.
         assert int((inputs["input_ids"] == 4).sum()) == 48 + 2 * 4 * 16

@@ -340,6 +340,8 @@ class AttentionParts:
         num_kv_heads: Key/value heads.
         head_dim: Size of one head.
         scaling: Softmax scale.
+        q_norm: Optional per-head norm applied to the queries before RoPE (Qwen3, Gemma 3), on ``head_dim``.
+        k_norm: Optional per-head norm applied to the keys before RoPE.
     """
 
     norm: nn.Module
@@ -349,6 +351,8 @@ class AttentionParts:
     num_kv_heads: int
     head_dim: int
     scaling: float
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
 
 
 class Adapter:
@@ -367,10 +371,13 @@ class Adapter:
             projector works per token (it says why, for the validator's message).
         priority: Where two adapters support the same model, the higher ``priority`` is chosen; on a tie a
             third-party adapter before a built-in one, then by name (`tokcomp.registry.adapter_order`).
+        refused_classes: Model classes of a related family that the adapter knowingly does not drive, each
+            with the reason; `tokcomp.find_adapter` raises it instead of a generic "unsupported" error.
     """
 
     name: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
+    refused_classes: ClassVar[dict[str, str]] = {}
     sites: ClassVar[frozenset[str]] = frozenset({"llm"})
     grid_multiple: ClassVar[int] = 1
     encoder_grid_reason: ClassVar[str] = ""
@@ -418,11 +425,32 @@ class Adapter:
             num_kv_heads=cfg.num_key_value_heads,
             head_dim=attn.head_dim,
             scaling=float(attn.scaling),
+            q_norm=getattr(attn, "q_norm", None),
+            k_norm=getattr(attn, "k_norm", None),
         )
 
     def layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         """Each sample's visual layout, from the keyword arguments of a prefill call of the model."""
         raise NotImplementedError
+
+    def install_llm(self) -> list[Any]:
+        """Install the adapter's own hooks on the language model for a compress block; return their handles.
+
+        For architectures that feed the LLM more than its input sequence (Qwen3-VL's DeepStack features,
+        added at the visual positions after the first layers). The runtime calls it once, when the schedule
+        makes the LLM's sequence change, and removes the handles on exit. Default: none.
+        """
+        return []
+
+    def slots_changed(self, index: torch.Tensor | None) -> None:
+        """Told by the runtime which original sequence slot each present slot holds, whenever that changes.
+
+        Args:
+            index: ``(B, S)`` long, the original index of each slot of the hidden states from now on (``-1``
+                for a dead padding slot), or None at the start of a prefill (every slot, in order). It
+                holds until the next call: for the layers after a stage, and for the adapter's own hooks
+                (`install_llm`) on those layers' outputs.
+        """
 
     # -- vision tower (encoder / projector sites) ---------------------------------------------------------
     @property

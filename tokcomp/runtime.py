@@ -53,14 +53,20 @@ def find_adapter(model: nn.Module) -> Adapter:
     """The registered adapter that supports ``model``, instantiated for it.
 
     Raises:
-        UnsupportedModelError: No adapter recognises the model; the message lists the supported classes.
+        UnsupportedModelError: No adapter recognises the model; the message lists the supported classes, or
+            says why an adapter of a related family refuses it (`Adapter.refused_classes`).
     """
     reg, problems = registry.select_adapter(model)  # fixed order; a raising supports() is skipped, named
     for p in problems:
         warnings.warn(f"{p}; it was skipped", stacklevel=2)
     if reg is not None:
         return reg.obj(model)
-    known = sorted({c for reg in registry.adapters().values() for c in reg.obj.model_classes})
+    regs = registry.adapters()
+    for r in regs.values():
+        reason = r.obj.refused_classes.get(type(model).__name__)
+        if reason:
+            raise UnsupportedModelError(f"{type(model).__name__} is not supported: {reason}")
+    known = sorted({c for r in regs.values() for c in r.obj.model_classes})
     raise UnsupportedModelError(
         f"no tokcomp adapter supports {type(model).__name__}. Supported model classes: {', '.join(known)}. "
         "Load the model with one of those classes (e.g. Qwen2VLForConditionalGeneration, not AutoModel for "
@@ -271,6 +277,8 @@ class CompressionRun:
         for i, layer in enumerate(self.adapter.decoder_layers):
             if i >= start:
                 self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+        # the adapter's own LLM hooks (e.g. DeepStack), told of every slot change through slots_changed
+        self._handles.extend(self.adapter.install_llm())
 
     def _use_bias_attention(self) -> None:
         """Point the vision tower's attention at tokcomp's bias-aware wrapper of the same backend."""
@@ -375,6 +383,7 @@ class CompressionRun:
         for b, lay in enumerate(layouts):
             vis_rank[b, lay.positions] = torch.arange(lay.num_visual, device=ids.device)
         self._state = _Prefill(B, L, valid0, layouts, vis_rank, cache)
+        self.adapter.slots_changed(None)
         st = self._state
         st.call = call
         st.uncompressed_visual = [lay.num_visual for lay in layouts]
@@ -471,6 +480,7 @@ class CompressionRun:
                 # encoder/projector stages left unused placeholder slots: remove them before layer 0
                 st.index = _left_packed(st.initial_keep)
                 hs = _gather(hs, st.index, 1).masked_fill((st.index < 0).unsqueeze(-1), 0)
+            self.adapter.slots_changed(st.index)
             pe = kwargs.get("position_embeddings")
             if pe is None:
                 raise RuntimeStateError(f"decoder layer {i} got no position_embeddings; unsupported model")
@@ -613,6 +623,7 @@ class CompressionRun:
             if bool((st.sizes == 1).all()):
                 st.sizes = None
         st.index = new_index
+        self.adapter.slots_changed(new_index)
         st.overhead_s += time.perf_counter() - t0
         return hs
 
@@ -625,8 +636,13 @@ class CompressionRun:
         parts = self.adapter.attention_parts(layer)
         B, S, _ = hs.shape
         x = parts.norm(hs)
-        q = parts.q_proj(x).view(B, S, parts.num_heads, parts.head_dim).transpose(1, 2)
-        k = parts.k_proj(x).view(B, S, parts.num_kv_heads, parts.head_dim).transpose(1, 2)
+        q = parts.q_proj(x).view(B, S, parts.num_heads, parts.head_dim)
+        k = parts.k_proj(x).view(B, S, parts.num_kv_heads, parts.head_dim)
+        if parts.q_norm is not None:  # per-head norms before RoPE (Qwen3)
+            q = parts.q_norm(q)
+        if parts.k_norm is not None:
+            k = parts.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         qr, kr = self._rope(layer)(q, k, cos, sin)
         return q, k, qr, kr, parts.scaling, parts.num_heads // parts.num_kv_heads
 

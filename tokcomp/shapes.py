@@ -2,7 +2,7 @@
 
 Compute cost depends on shapes, not on weight values, so a model with the published widths, depths and
 heads of a real checkpoint, but random weights, costs what the real one costs. This module holds the
-published ``config.json`` values of four checkpoints and builds the matching ``transformers`` model, its
+published ``config.json`` values of six checkpoints and builds the matching ``transformers`` model, its
 processor and synthetic inputs of a requested visual-token count:
 
 | name | checkpoint (Hugging Face hub id) | LLM | vision tower |
@@ -11,11 +11,17 @@ processor and synthetic inputs of a requested visual-token count:
 | ``qwen2.5-vl-3b`` | ``Qwen/Qwen2.5-VL-3B-Instruct`` | 36 × 2048, 16 / 2 heads | ViT 32 × 1280 |
 | ``llava-ov-0.5b`` | ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf`` | 24 × 896, 14 / 2 | SigLIP 26 × 1152 |
 | ``internvl2.5-1b`` | ``OpenGVLab/InternVL2_5-1B`` | 24 × 896, 14 / 2 heads | InternViT 24 × 1024 |
+| ``qwen3-vl-2b`` | ``Qwen/Qwen3-VL-2B-Instruct`` | 28 × 2048, 16 / 8 heads | ViT 24 × 1024, DeepStack 5, 11, 17 |
+| ``qwen3-vl-8b`` | ``Qwen/Qwen3-VL-8B-Instruct`` | 36 × 4096, 32 / 8 heads | ViT 27 × 1152, DeepStack 8, 16, 24 |
 
 The values in `SHAPES` are transcribed from those checkpoints' published ``config.json`` files (for
 InternVL2.5-1B, the ``llm_config`` / ``vision_config`` of the original repository, mapped onto
 ``transformers``' ``InternVLConfig`` field names). They were written from the published files, not
-downloaded here: nothing in this module touches the network.
+downloaded here: nothing in this module touches the network. The two Qwen3-VL shapes were checked against
+copies of the published files quoted in public code (the 2B ``text_config``/``vision_config`` as of hub
+revision ``89644892e4d85e24eaac8bacfd4f463576704203``; the 8B values as in the Qwen3-VL-8B-based
+``nvidia/Cosmos-Reason2-8B`` ``config.json``, which keeps the Qwen3-VL-8B shapes). With reduced vision depth,
+the DeepStack taps are the published ones that fall inside the reduced tower.
 
 **Vocabulary.** Every shape is built with the 256-id vocabulary and the special-token ids of
 `tokcomp.testing`, so that its tokenizer and processors work unchanged. The vocabulary size does not
@@ -58,6 +64,7 @@ from transformers import (
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
     SiglipVisionConfig,
 )
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
@@ -66,6 +73,7 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
     Qwen2_5_VLVisionConfig,
 )
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
+from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
 
 from . import testing
 
@@ -259,8 +267,74 @@ SHAPES: dict[str, ModelShape] = {
         published_vocab_size=151674,
         notes="InternViT-300M-448px-V2_5 + Qwen2.5-0.5B-Instruct; dynamic tiling up to 12 tiles + thumbnail",
     ),
+    "qwen3-vl-2b": ModelShape(
+        name="qwen3-vl-2b",
+        checkpoint="Qwen/Qwen3-VL-2B-Instruct",
+        arch="qwen3_vl",
+        text={
+            "hidden_size": 2048,
+            "intermediate_size": 6144,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 5000000.0,
+            "mrope_section": [24, 20, 20],
+            "max_position_embeddings": 262144,
+            "hidden_act": "silu",
+            "tie_word_embeddings": True,
+        },
+        vision={
+            "depth": 24,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_heads": 16,
+            "out_hidden_size": 2048,
+            "patch_size": 16,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "num_position_embeddings": 2304,
+            "deepstack_visual_indexes": [5, 11, 17],
+            "hidden_act": "gelu_pytorch_tanh",
+        },
+        published_vocab_size=151936,
+    ),
+    "qwen3-vl-8b": ModelShape(
+        name="qwen3-vl-8b",
+        checkpoint="Qwen/Qwen3-VL-8B-Instruct",
+        arch="qwen3_vl",
+        text={
+            "hidden_size": 4096,
+            "intermediate_size": 12288,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 5000000.0,
+            "mrope_section": [24, 20, 20],
+            "max_position_embeddings": 262144,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+        },
+        vision={
+            "depth": 27,
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_heads": 16,
+            "out_hidden_size": 4096,
+            "patch_size": 16,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "num_position_embeddings": 2304,
+            "deepstack_visual_indexes": [8, 16, 24],
+            "hidden_act": "gelu_pytorch_tanh",
+        },
+        published_vocab_size=151936,
+    ),
 }
-"""The four published shapes, by tokcomp's short name."""
+"""The six published shapes, by tokcomp's short name."""
 
 
 def _get(name: str) -> ModelShape:
@@ -292,8 +366,8 @@ def shape_config(
         attn_implementation: Attention backend of every sub-model.
 
     Returns:
-        The composite config (``Qwen2VLConfig``, ``Qwen2_5_VLConfig``, ``LlavaOnevisionConfig`` or
-        ``InternVLConfig``).
+        The composite config (``Qwen2VLConfig``, ``Qwen2_5_VLConfig``, ``Qwen3VLConfig``,
+        ``LlavaOnevisionConfig`` or ``InternVLConfig``).
 
     Raises:
         ValueError: If ``name`` is unknown or a depth is not positive.
@@ -308,6 +382,8 @@ def shape_config(
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": t.pop("rope_theta")}
     if "mrope_section" in t:
         rope["mrope_section"] = t.pop("mrope_section")
+    if shape.arch == "qwen3_vl":
+        rope["mrope_interleaved"] = True
     text = dict(
         t,
         num_hidden_layers=n_layers,
@@ -341,6 +417,17 @@ def shape_config(
             vision_start_token_id=tiny.vision_start_token_id,
             vision_end_token_id=tiny.vision_end_token_id,
         )
+    elif shape.arch == "qwen3_vl":
+        v["depth"] = n_blocks
+        v["deepstack_visual_indexes"] = [i for i in v["deepstack_visual_indexes"] if i < n_blocks]
+        config = Qwen3VLConfig(
+            text_config=Qwen3VLTextConfig(**text),
+            vision_config=Qwen3VLVisionConfig(**v),
+            image_token_id=tiny.image_token_id,
+            video_token_id=tiny.video_token_id,
+            vision_start_token_id=tiny.vision_start_token_id,
+            vision_end_token_id=tiny.vision_end_token_id,
+        )
     elif shape.arch == "llava_onevision":
         v["num_hidden_layers"] = n_blocks
         extra = dict(shape.extra)
@@ -361,7 +448,7 @@ def shape_config(
             tie_word_embeddings=False,
             **extra,
         )
-    else:  # pragma: no cover - SHAPES only names the four above
+    else:  # pragma: no cover - SHAPES only names the ones above
         raise ValueError(f"no config builder for {shape.arch}")
     config.pad_token_id = tiny.pad_token_id
     config.bos_token_id = tiny.bos_token_id
@@ -427,6 +514,7 @@ def shape_processor(name: str, *, max_tiles: int | None = None) -> ProcessorMixi
 
     * Qwen2-VL / Qwen2.5-VL: ``Qwen2VLImageProcessorPil`` with ``min_pixels`` 4·28² and ``max_pixels``
       16384·28² (any image whose sides are multiples of 28 keeps its size: ``(H/28)·(W/28)`` tokens).
+    * Qwen3-VL: the same with 16-px patches, 32 px per token (``min_pixels`` 4·32², ``max_pixels`` 16384·32²).
     * LLaVA-OneVision: 384 px tiles, the 36 published pinpoints, ``anyres_max_9``, 729 tokens per tile.
     * InternVL: 448 px tiles, dynamic tiling up to ``max_tiles`` (published default 12) plus a thumbnail,
       256 tokens per tile.
@@ -450,6 +538,15 @@ def shape_processor(name: str, *, max_tiles: int | None = None) -> ProcessorMixi
             merge_size=2,
         )
         return cls(image_processor=ip, tokenizer=tokenizer, video_processor=None)
+    if shape.arch == "qwen3_vl":
+        ip3 = Qwen2VLImageProcessorPil(
+            min_pixels=32 * 32 * 4,
+            max_pixels=32 * 32 * 16384,
+            patch_size=16,
+            temporal_patch_size=2,
+            merge_size=2,
+        )
+        return cls(image_processor=ip3, tokenizer=tokenizer, video_processor=None)
     if shape.arch == "llava_onevision":
         ov = LlavaOnevisionImageProcessorPil(
             size={"height": 384, "width": 384}, image_grid_pinpoints=[list(p) for p in _OV_PINPOINTS]
@@ -472,8 +569,8 @@ def shape_processor(name: str, *, max_tiles: int | None = None) -> ProcessorMixi
 def image_size_for(name: str, visual_tokens: int) -> tuple[int, int, int, dict[str, Any]]:
     """An image size giving about ``visual_tokens`` visual tokens in the LLM for a shape.
 
-    * Qwen: ``(H/28)·(W/28)`` tokens; the grid ``a × b`` (a ≤ b) closest to the request, as square as
-      possible.
+    * Qwen: ``(H/28)·(W/28)`` tokens (Qwen3-VL: ``(H/32)·(W/32)``); the grid ``a × b`` (a ≤ b) closest to
+      the request, as square as possible.
     * LLaVA-OneVision: an image of one of the 36 pinpoint sizes (no padding), whose AnyRes token count
       (base tile 729 + unpadded grid + one newline per row, shrunk to ``anyres_max_9``) is closest.
     * InternVL: ``256·(crops + 1 thumbnail)`` tokens; a ``rows × cols`` crop grid (448 px crops) closest to
@@ -489,7 +586,8 @@ def image_size_for(name: str, visual_tokens: int) -> tuple[int, int, int, dict[s
     """
     shape = _get(name)
     target = max(1, int(visual_tokens))
-    if shape.arch in ("qwen2_vl", "qwen2_5_vl"):
+    if shape.arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        px = 32 if shape.arch == "qwen3_vl" else 28
         best: tuple[float, int, int] | None = None
         for a in range(1, math.isqrt(target) + 2):
             b = max(a, round(target / a))
@@ -498,7 +596,7 @@ def image_size_for(name: str, visual_tokens: int) -> tuple[int, int, int, dict[s
                 best = key
         assert best is not None
         _, a, b = best
-        return 28 * b, 28 * a, a * b, {"grid_tokens": (a, b)}
+        return px * b, px * a, a * b, {"grid_tokens": (a, b)}
     if shape.arch == "llava_onevision":
         proc = shape_processor(name)
         cands = []

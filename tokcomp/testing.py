@@ -2,6 +2,7 @@
 
 This module gives tests, demos and third-party plugins the real model classes
 (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``,
 ``LlavaOnevisionForConditionalGeneration``, ``InternVLForConditionalGeneration`` and
 ``LlavaForConditionalGeneration``) at toy sizes, with random but deterministic weights, a tokenizer
 built in code and the real processor classes. Nothing is downloaded, and nothing needs torchvision:
@@ -17,7 +18,7 @@ Typical use::
     out = model.generate(**inputs, max_new_tokens=3)
     first = batch_item(inputs, 0)               # sample 0 alone, without padding
 
-All five architectures share one vocabulary layout (256 ids): ``<unk> <pad> <s> </s>`` at 0–3, the
+All architectures share one vocabulary layout (256 ids): ``<unk> <pad> <s> </s>`` at 0–3, the
 architecture's special tokens at 4–11 (the image placeholder is always id 4 and the video placeholder
 id 5), and the plain words ``w0`` … ``w243`` at 12–255, so a word has the same id in every architecture.
 """
@@ -61,6 +62,11 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
+    Qwen3VLProcessor,
     SiglipVisionConfig,
 )
 from transformers.image_utils import SizeDict
@@ -70,6 +76,11 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
     Qwen2_5_VLVisionConfig,
 )
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
+from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
+from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import (
+    Qwen3VLMoeTextConfig,
+    Qwen3VLMoeVisionConfig,
+)
 from transformers.video_utils import make_batched_videos
 
 __all__ = [
@@ -83,7 +94,9 @@ __all__ = [
     "tiny_tokenizer",
 ]
 
-ARCHITECTURES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl", "llava")
+ARCHITECTURES: tuple[str, ...] = (
+    "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision", "internvl", "llava"
+)
 """The architectures this module can build, by their ``transformers`` ``model_type``."""
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,11 +135,15 @@ _SPECIAL_TOKENS: dict[str, dict[str, tuple[str, int]]] = {
     },
 }
 _SPECIAL_TOKENS["qwen2_5_vl"] = _SPECIAL_TOKENS["qwen2_vl"]
+_SPECIAL_TOKENS["qwen3_vl"] = _SPECIAL_TOKENS["qwen2_vl"]
+_SPECIAL_TOKENS["qwen3_vl_moe"] = _SPECIAL_TOKENS["qwen2_vl"]
 
 # What the user writes in a prompt for one image / one video (the processor expands the placeholder).
 _IMAGE_PROMPT = {
     "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_vl_moe": "<|vision_start|><|image_pad|><|vision_end|>",
     "llava_onevision": "<image>",
     "internvl": "<IMG_CONTEXT>",
     "llava": "<image>",
@@ -134,6 +151,10 @@ _IMAGE_PROMPT = {
 _VIDEO_PROMPT = {
     "qwen2_vl": "<|vision_start|><|video_pad|><|vision_end|>",
     "qwen2_5_vl": "<|vision_start|><|video_pad|><|vision_end|>",
+    # Qwen3-VL's processor replaces only the <|video_pad|> with one timestamped run per temporal patch,
+    # so the outer start/end tokens stay (as with the library's own chat template).
+    "qwen3_vl": "<|vision_start|><|video_pad|><|vision_end|>",
+    "qwen3_vl_moe": "<|vision_start|><|video_pad|><|vision_end|>",
     "llava_onevision": "<video>",
     "internvl": "<video>",
 }
@@ -154,6 +175,10 @@ _ROPE_THETA = 10000.0
 # Qwen2-VL: merged tokens per image are bounded by these pixel budgets (28 px = patch 14 x merge 2).
 _QWEN_MIN_PIXELS = 28 * 28 * 4
 _QWEN_MAX_PIXELS = 28 * 28 * 64
+# Qwen3-VL: 32 px per LLM token (patch 16 x merge 2); the same 4 to 64 merged tokens per image.
+_QWEN3_PATCH = 16
+_QWEN3_MIN_PIXELS = 32 * 32 * 4
+_QWEN3_MAX_PIXELS = 32 * 32 * 64
 # 56 px tiles with 14 px patches: a 4x4 grid per tile, as in the brief for LLaVA and LLaVA-OneVision.
 _TILE = 56
 _PATCH = 14
@@ -211,6 +236,9 @@ def tiny_config(
       M-RoPE ``mrope_section [2, 3, 3]`` (sums to head_dim / 2 = 8).
     - ``qwen2_5_vl``: ``Qwen2_5_VLConfig``; ViT depth 4 with window attention (``window_size`` 56 px =
       2x2 merged tokens) and full attention in blocks ``[1, 3]``.
+    - ``qwen3_vl`` / ``qwen3_vl_moe``: ``Qwen3VLConfig`` / ``Qwen3VLMoeConfig`` (4 experts, 2 per token);
+      ViT depth 4, patch 16, a learned 8x8 position grid, DeepStack taps at blocks ``[0, 1, 2]`` (added
+      after LLM layers 0-2); text ``head_dim`` 16 with interleaved ``mrope_section [4, 2, 2]``.
     - ``llava_onevision``: ``LlavaOnevisionConfig``; SigLIP depth 2, 56 px tiles of 4x4 patches, anyres
       pinpoints up to 2x2 tiles, ``vision_feature_select_strategy="full"``, feature layer -1.
     - ``internvl``: ``InternVLConfig``; InternViT depth 2, 112 px tiles (8x8 patches, 4x4 tokens after the
@@ -273,6 +301,8 @@ def tiny_config(
             vision_start_token_id=_START_ID,
             vision_end_token_id=_END_ID,
         )
+    elif arch in ("qwen3_vl", "qwen3_vl_moe"):
+        config = _qwen3_vl_config(arch, text, rope)
     elif arch == "llava_onevision":
         config = LlavaOnevisionConfig(
             text_config=Qwen2Config(**text, rope_parameters=rope),
@@ -334,6 +364,41 @@ def tiny_config(
     # The setter propagates to the vision and text sub-configs.
     config._attn_implementation = attn_implementation
     return config
+
+
+def _qwen3_vl_config(arch: str, text: dict[str, Any], rope: dict[str, Any]) -> PreTrainedConfig:
+    # head_dim 16: mrope_section sums to 8 (frequency pairs), assigned T/H/W interleaved by the model.
+    rope = {**rope, "mrope_section": [4, 2, 2], "mrope_interleaved": True}
+    vision = {
+        "depth": 4,
+        "hidden_size": _VISION_HIDDEN,
+        "intermediate_size": 2 * _VISION_HIDDEN,
+        "num_heads": _VISION_HEADS,
+        "patch_size": _QWEN3_PATCH,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "out_hidden_size": _HIDDEN,
+        "num_position_embeddings": 64,  # a learned 8x8 grid, interpolated to each image's grid
+        "deepstack_visual_indexes": [0, 1, 2],  # features added after LLM layers 0, 1, 2
+    }
+    ids = {
+        "image_token_id": _IMAGE_ID,
+        "video_token_id": _VIDEO_ID,
+        "vision_start_token_id": _START_ID,
+        "vision_end_token_id": _END_ID,
+    }
+    if arch == "qwen3_vl":
+        return Qwen3VLConfig(
+            text_config=Qwen3VLTextConfig(**text, head_dim=16, rope_parameters=rope),
+            vision_config=Qwen3VLVisionConfig(**vision),
+            **ids,
+        )
+    moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1}
+    return Qwen3VLMoeConfig(
+        text_config=Qwen3VLMoeTextConfig(**text, **moe, head_dim=16, rope_parameters=rope),
+        vision_config=Qwen3VLMoeVisionConfig(**vision),
+        **ids,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -479,6 +544,8 @@ class _TorchvisionFreeProcessor(ProcessorMixin):
         clips = make_batched_videos(videos)
         image_processor: Any = self.image_processor
         video_token: str = self.video_token
+        if self._video_layout == "qwen3":
+            return self._qwen3_videos(image_processor, clips)
         if self._video_layout == "qwen":
             data = _qwen_video_patches(image_processor, clips)
             merge_area = image_processor.merge_size**2
@@ -495,6 +562,24 @@ class _TorchvisionFreeProcessor(ProcessorMixin):
         return data, [self.replace_video_token(data, video_idx=k) for k in range(len(clips))]
 
 
+    def _qwen3_videos(self, image_processor: Any, clips: list[np.ndarray]) -> tuple[dict[str, Any], list[str]]:
+        """Qwen3-VL: the same temporal patches, and per temporal patch one ``<t seconds>`` text and one run of
+        ``<|vision_start|> <|video_pad|> x (h*w/4) <|vision_end|>``, as ``Qwen3VLProcessor.replace_video_token``
+        writes it; timestamps from the processor's own ``_calculate_timestamps`` at ``_VIDEO_FPS``."""
+        data = _qwen_video_patches(image_processor, clips)
+        merge_area = image_processor.merge_size**2
+        tokens: Any = self
+        replacements = []
+        for clip, (grid_t, grid_h, grid_w) in zip(clips, data["video_grid_thw"].tolist()):
+            stamps = tokens._calculate_timestamps(
+                list(range(len(clip))), _VIDEO_FPS, image_processor.temporal_patch_size
+            )
+            run = tokens.vision_start_token + self.video_token * (grid_h * grid_w // merge_area)
+            replacements.append("".join(f"<{stamps[f]:.1f} seconds>" + run + tokens.vision_end_token
+                                        for f in range(grid_t)))
+        return data, replacements
+
+
 class _TinyQwen2VLProcessor(_TorchvisionFreeProcessor, Qwen2VLProcessor):
     _video_layout = "qwen"
 
@@ -502,6 +587,10 @@ class _TinyQwen2VLProcessor(_TorchvisionFreeProcessor, Qwen2VLProcessor):
 class _TinyQwen2_5_VLProcessor(_TorchvisionFreeProcessor, Qwen2_5_VLProcessor):
     _video_layout = "qwen"
     _video_seconds_per_grid = True
+
+
+class _TinyQwen3VLProcessor(_TorchvisionFreeProcessor, Qwen3VLProcessor):
+    _video_layout = "qwen3"
 
 
 class _TinyLlavaOnevisionProcessor(_TorchvisionFreeProcessor, LlavaOnevisionProcessor):
@@ -519,6 +608,9 @@ def tiny_processor(arch: str) -> ProcessorMixin:
 
     - ``qwen2_vl`` / ``qwen2_5_vl``: ``Qwen2VLImageProcessorPil`` with ``min_pixels = 28*28*4`` and
       ``max_pixels = 28*28*64``, i.e. 4 to 64 merged tokens per image (224x168 -> 12x16 patches -> 48).
+    - ``qwen3_vl`` / ``qwen3_vl_moe``: the same image processor with 16 px patches and 32 px per token
+      (224x168 -> 224x160 -> 35 tokens). Videos are written as ``Qwen3VLProcessor`` writes them: one
+      ``<t seconds>`` text and one ``<|vision_start|>...<|vision_end|>`` run per temporal patch.
     - ``llava_onevision``: ``LlavaOnevisionImageProcessorPil`` with 56 px tiles and the config's
       pinpoints; ``num_image_tokens=16``.
     - ``internvl``: ``GotOcr2ImageProcessorPil`` with 112 px crops, ``crop_to_patches`` and at most 4 crops
@@ -535,8 +627,8 @@ def tiny_processor(arch: str) -> ProcessorMixin:
         arch: One of :data:`ARCHITECTURES`.
 
     Returns:
-        A ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``, ``LlavaOnevisionProcessor``, ``InternVLProcessor``
-        or ``LlavaProcessor``. It cannot be saved with ``save_pretrained`` (no video processor).
+        A ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``, ``Qwen3VLProcessor``, ``LlavaOnevisionProcessor``,
+        ``InternVLProcessor`` or ``LlavaProcessor``. It cannot be saved with ``save_pretrained`` (no video processor).
 
     Raises:
         ValueError: If ``arch`` is unknown.
@@ -553,6 +645,15 @@ def tiny_processor(arch: str) -> ProcessorMixin:
         )
         cls = _TinyQwen2VLProcessor if arch == "qwen2_vl" else _TinyQwen2_5_VLProcessor
         return cls(image_processor=qwen_ip, tokenizer=tokenizer, video_processor=None)
+    if arch in ("qwen3_vl", "qwen3_vl_moe"):
+        qwen3_ip = Qwen2VLImageProcessorPil(  # Qwen3-VL's auto mapping uses the Qwen2-VL image processor
+            min_pixels=_QWEN3_MIN_PIXELS,
+            max_pixels=_QWEN3_MAX_PIXELS,
+            patch_size=_QWEN3_PATCH,
+            temporal_patch_size=2,
+            merge_size=2,
+        )
+        return _TinyQwen3VLProcessor(image_processor=qwen3_ip, tokenizer=tokenizer, video_processor=None)
     if arch == "llava_onevision":
         ov_ip = LlavaOnevisionImageProcessorPil(
             size={"height": _TILE, "width": _TILE}, image_grid_pinpoints=[list(p) for p in _OV_PINPOINTS]
@@ -871,6 +972,8 @@ def batch_item(inputs: BatchFeature, i: int) -> BatchFeature:
 _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "qwen3_vl": Qwen3VLForConditionalGeneration,
+    "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
     "internvl": InternVLForConditionalGeneration,
     "llava": LlavaForConditionalGeneration,
@@ -917,6 +1020,7 @@ def tiny_model(
 
     Returns:
         The model (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+        ``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``,
         ``LlavaOnevisionForConditionalGeneration``, ``InternVLForConditionalGeneration`` or
         ``LlavaForConditionalGeneration``) in eval mode, with its generation config's pad/bos/eos ids set
         to the tiny tokenizer's.
