@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import pytest
 import torch
+from transformers import LlavaModel
 
 from tokcomp import testing
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# transformers 5.18 added `mm_encoder_outputs` to the models' forward (generate() runs the vision tower once
+# and hands the features to the prefill call). The carry-through oracles feed the *unpatched* model the
+# compressed features that way; 5.17 has no way to feed precomputed features, so those oracles cannot run
+# there. On 5.17 generate() calls the model with the pixel inputs, which is the direct-forward path that the
+# same oracles check on the newer releases.
+HAS_PRECOMPUTED_FEATURES = "mm_encoder_outputs" in inspect.signature(LlavaModel.forward).parameters
+needs_precomputed_features = pytest.mark.skipif(
+    not HAS_PRECOMPUTED_FEATURES,
+    reason="the oracle feeds precomputed features (mm_encoder_outputs), which transformers < 5.18 lacks",
+)
 torch.set_num_threads(2)
 
 

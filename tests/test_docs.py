@@ -155,6 +155,53 @@ def test_reference_renders_every_module(site: tuple[subprocess.CompletedProcess[
         assert snippet in text, f"{snippet!r} not rendered: a docstring was not collected"
 
 
+def _reference_html(site: tuple[subprocess.CompletedProcess[str], Path]) -> dict[str, str]:
+    proc, out = site
+    if proc.returncode != 0:
+        pytest.fail("the site did not build; see test_mkdocs_build_strict")
+    return {str(p.relative_to(out)): p.read_text(encoding="utf-8") for p in (out / "reference").rglob("*.html")}
+
+
+def _article(page: str) -> str:
+    """The page's rendered content (the theme's navigation and search index left out)."""
+    m = re.search(r'<article class="md-content__inner[^"]*">(.*?)</article>', page, re.S)
+    return m.group(1) if m else page
+
+
+def test_reference_renders_docstrings_as_intended(site: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    """What builds but reads broken: a Google-style ``Example:`` section (an admonition whose ``>>>`` lines
+    become grey nested blockquotes), reST roles and ``::`` literal blocks (shown verbatim), and signatures
+    that were not formatted (no ruff/black installed)."""
+    problems = []
+    for name, page in _reference_html(site).items():
+        body = _article(page)
+        text = html.unescape(re.sub(r"<[^>]+>", "", body))
+        if "<blockquote>" in body:
+            problems.append(f"{name}: a blockquote (a docstring 'Example:' section or '>>>' outside Examples:)")
+        for role in re.findall(r":(?:mod|class|func|meth|attr|obj|data|exc|ref):\S*", text):
+            problems.append(f"{name}: reST role {role!r} (write `name` or [name][tokcomp.module.name])")
+        for line in text.splitlines():
+            if re.search(r"\w::\s*$", line):
+                problems.append(f"{name}: reST literal-block marker in {line.strip()!r} (use a fenced block)")
+        if 'class="doc doc-signature' in body and "doc-signature" in body and "highlight" not in body:
+            problems.append(f"{name}: signatures not highlighted")
+    assert not problems, "\n".join(problems)
+
+
+def test_site_has_urls_and_formatted_signatures(site: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, out = site
+    if proc.returncode != 0:
+        pytest.fail("the site did not build; see test_mkdocs_build_strict")
+    index = (out / "index.html").read_text(encoding="utf-8")
+    assert '<link rel="canonical" href="https://' in index, "site_url is not set in mkdocs.yml"
+    assert 'class="md-source"' in index, "repo_url is not set in mkdocs.yml"
+    runtime = (out / "reference" / "runtime" / "index.html").read_text(encoding="utf-8")
+    # A formatted signature puts each parameter of a long signature on its own line.
+    sig = re.search(r'id="tokcomp\.runtime\.compress".*?<div class="doc-signature[^>]*>(.*?)</div>', runtime, re.S)
+    assert sig, "compress() has no separate signature block"
+    assert html.unescape(re.sub(r"<[^>]+>", "", sig.group(1))).count("\n") >= 3, "signature not formatted"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pages that describe code: they must keep up with it
 # ---------------------------------------------------------------------------------------------------------

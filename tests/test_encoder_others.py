@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import all_hooks, cached_model
+from conftest import all_hooks, cached_model, needs_precomputed_features
 from tokcomp.strategies import OIM, Downsample, ToMe
 from transformers import LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -153,6 +153,7 @@ CARRY = [
 CARRY_IDS = [pytest.param(a, s, id=f"{a}-{i}") for i, (a, s) in enumerate(CARRY)]
 
 
+@needs_precomputed_features
 @pytest.mark.parametrize(("arch", "stage"), CARRY_IDS)
 def test_llm_input_follows_the_vision_tower(arch, stage):
     """Compressed == the unpatched model given the compressed features with shorter placeholder runs
@@ -171,6 +172,7 @@ def test_llm_input_follows_the_vision_tower(arch, stage):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+@needs_precomputed_features
 @pytest.mark.parametrize(("arch", "stage"), CARRY_IDS)
 def test_generate_continues_from_the_compressed_length(arch, stage):
     """Greedy tokens through generate() == the unpatched model's on the shorter prompt: decoding positions

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import all_hooks, cached_model
+from conftest import all_hooks, cached_model, needs_precomputed_features
 from tokcomp.strategies import OIM, SPU, Downsample, ToMe
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -114,6 +114,7 @@ def test_stages_doing_nothing_are_the_identity(arch, attn, stage):
     assert vis_cfg._attn_implementation == before
 
 
+@needs_precomputed_features
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize(
     "stage",

@@ -391,8 +391,9 @@ def test_video_forward_generate_and_batch_item(arch: str) -> None:
         assert int((inputs["input_ids"] == 4).sum()) == 48 + 2 * 4 * 16
     else:
         with torch.no_grad():
+            # positional: 5.17 names LLaVA-OV's first parameter pixel_values, later releases pixel_values_videos
             pooled = model.model.get_video_features(
-                **{k: inputs[k] for k in ("pixel_values_videos", "video_grid_thw") if k in inputs}
+                *(inputs[k] for k in ("pixel_values_videos", "video_grid_thw") if k in inputs)
             ).pooler_output
         hidden = model.config.get_text_config().hidden_size
         assert count_features(pooled, hidden) == int((inputs["input_ids"] == 5).sum())
