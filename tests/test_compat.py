@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import cached_model
+from tokcomp.strategies import SPU
 
 import tokcomp as tc
 from tokcomp import compat, testing
-from tokcomp.strategies import SPU
 
 
 @pytest.mark.parametrize("version", ["4.57.6", "5.16.1", "6.0.0", "5.30.0"])

@@ -164,7 +164,7 @@ def _reference_html(site: tuple[subprocess.CompletedProcess[str], Path]) -> dict
 
 def _article(page: str) -> str:
     """The page's rendered content (the theme's navigation and search index left out)."""
-    m = re.search(r'<article class="md-content__inner[^"]*">(.*?)</article>', page, re.S)
+    m = re.search(r'<article class="md-content__inner[^"]*">(.*?)</article>', page, re.DOTALL)
     return m.group(1) if m else page
 
 
@@ -197,7 +197,7 @@ def test_site_has_urls_and_formatted_signatures(site: tuple[subprocess.Completed
     assert 'class="md-source"' in index, "repo_url is not set in mkdocs.yml"
     runtime = (out / "reference" / "runtime" / "index.html").read_text(encoding="utf-8")
     # A formatted signature puts each parameter of a long signature on its own line.
-    sig = re.search(r'id="tokcomp\.runtime\.compress".*?<div class="doc-signature[^>]*>(.*?)</div>', runtime, re.S)
+    sig = re.search(r'id="tokcomp\.runtime\.compress".*?<div class="doc-signature[^>]*>(.*?)</div>', runtime, re.DOTALL)
     assert sig, "compress() has no separate signature block"
     assert html.unescape(re.sub(r"<[^>]+>", "", sig.group(1))).count("\n") >= 3, "signature not formatted"
 

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from PIL import Image
 from transformers import (
     BatchFeature,
@@ -396,7 +398,10 @@ def test_video_forward_generate_and_batch_item(arch: str) -> None:
                 *(inputs[k] for k in ("pixel_values_videos", "video_grid_thw") if k in inputs)
             ).pooler_output
         hidden = model.config.get_text_config().hidden_size
-        assert count_features(pooled, hidden) == int((inputs["input_ids"] == 5).sum())
+        n = count_features(pooled, hidden)
+        if arch == "llava_onevision" and Version(transformers.__version__) < Version("5.18"):
+            n += len(videos)  # 5.17 appends each video's newline in forward(), not in get_video_features()
+        assert n == int((inputs["input_ids"] == 5).sum())
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
     batched = last_logits(model, inputs)

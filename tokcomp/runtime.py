@@ -35,8 +35,8 @@ from torch import nn
 from typing_extensions import Self
 
 from . import registry
-from .compat import cache_of, check_transformers_version
 from .checks import checked_select
+from .compat import cache_of, check_transformers_version
 from .contracts import Adapter, LLMStrategy, LLMView, Projections, SampleLayout
 from .encoder import BIAS_PREFIX, VisionSession, enable_bias_attention, hidden_states_of, with_hidden_states
 from .errors import RuntimeStateError, ScheduleError, UnsupportedModelError
