@@ -162,7 +162,7 @@ def test_stage_index_is_the_failing_one(qwen):
 
 
 def test_legal_forms_still_pass(qwen):
-    for st in (ToMe(r=3), ToMe(r=(3, -1)), ToMe(r=(3, 0.5)), ToMe(r=[3, 2])):
+    for st in (ToMe(r=3), ToMe(r=(3, -1)), ToMe(r=(3, 0.5)), ToMe(r=[3])):
         tc.compress(qwen, [tc.Stage(st, site="projector")])
     tc.compress(qwen, [tc.Stage(FastV(keep_ratio=1), layers=[2])])  # an int is a legal float
     tc.compress(qwen, [tc.Stage(SPU(steps=[(2, 0.5)]), layers=[2, 3])])
