@@ -75,3 +75,36 @@ def test_dart_and_cdpruner_placement_errors():
         tc.compress(model, [tc.Stage("cdpruner", site="llm", layers=[0, 1])])
     with pytest.raises(tc.ScheduleError, match="keep_ratio"):
         tc.compress(model, [tc.Stage("divprune", site="projector", keep_ratio=0.0)])
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
+def test_composed_schedule_batch_equals_samples(arch):
+    """DivPrune at the projector, then DART at layer 2 on what is left (its pivot order reads each sample's
+    own sequence indices after the projector removed tokens)."""
+    model = cached_model(arch)
+    batch = _batch(arch)
+    stages = [tc.Stage("divprune", site="projector", keep_ratio=0.5),
+              tc.Stage("dart", site="llm", layers=[2], keep_ratio=0.5, pivot_image=2, pivot_text=2)]
+    gen = {"max_new_tokens": 2, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad(), tc.compress(model, stages) as run:
+        out = model.generate(**batch, **gen)
+        rep = run.report()
+        singles = [model.generate(**testing.batch_item(batch, i), **gen) for i in range(2)]
+    assert all(a < b for a, b in zip(rep.original_visual, rep.uncompressed_visual))
+    assert all(rep.visual_tokens[2][b] < rep.original_visual[b] for b in range(2))
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(out.logits[0][i], single.logits[0][0], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava"])
+def test_low_precision(arch):
+    model = cached_model(arch, "sdpa", torch.bfloat16)
+    img = testing.make_image
+    batch = testing.tiny_inputs(arch, [[img(224, 168, seed=1)], [img(140, 196, seed=2)]], dtype=torch.bfloat16)
+    for stages in ([STAGES["divprune"](), STAGES["dart"]()], [STAGES["cdpruner"]()]):
+        with torch.no_grad(), tc.compress(model, stages) as run:
+            out = model.generate(**batch, max_new_tokens=2, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        assert torch.isfinite(out.logits[0]).all()
+        rep = run.report()
+        assert min(map(min, rep.visual_tokens)) < min(rep.uncompressed_visual)
