@@ -45,7 +45,14 @@ from torch import Tensor
 from tokcomp.contracts import LLMDecision, LLMStrategy, LLMView, check_keep_ratio
 from tokcomp.errors import ScheduleError
 
-__all__ = ["CDPruner", "cdpruner_kernel", "fast_greedy_map", "instruction_relevance", "normalize_relevance"]
+__all__ = [
+    "CDPruner",
+    "cdpruner_kernel",
+    "cdpruner_reference_masks",
+    "fast_greedy_map",
+    "instruction_relevance",
+    "normalize_relevance",
+]
 
 
 def instruction_relevance(visual: Tensor, text: Tensor, negate: bool = False) -> Tensor:
@@ -122,6 +129,32 @@ def fast_greedy_map(kernel: Tensor, k: int, eps: float = 1e-5, fill: Tensor | No
         prio = (diag if fill is None else fill.float()).masked_fill(taken, float("-inf"))
         out += torch.sort(prio, descending=True, stable=True).indices[:filled].tolist()
     return torch.tensor(out, dtype=torch.long, device=L.device), filled
+
+
+def cdpruner_reference_masks(
+    image_features: Tensor, image_embeds: Tensor, text_embeds: Tensor, T: int, eps: float = 1e-5
+) -> Tensor:
+    """The selection in the reference's layout and with its relevance: CLIP patch embeddings against CLIP text
+    embeddings with the minus sign, normalised over the whole batch of images (or crops) of one call.
+
+    Args:
+        image_features: ``(B, N, D)`` projected features (the DPP's similarity).
+        image_embeds: ``(B, N, C)`` CLIP image-space embedding of each patch.
+        text_embeds: ``(M, C)`` CLIP text embeddings of the instruction (one row per 77-token segment).
+        T: Tokens kept per image.
+        eps: `fast_greedy_map`'s stopping threshold (the reference has none; see the module docstring).
+
+    Returns:
+        ``(B, N)`` bool, the kept tokens (the reference's ``index_masks``).
+    """
+    B, N, _ = image_features.shape
+    r = instruction_relevance(image_embeds.reshape(B * N, -1), text_embeds, negate=True)
+    r = normalize_relevance(r).view(B, N)
+    masks = torch.zeros(B, N, dtype=torch.bool, device=image_features.device)
+    for b in range(B):
+        sel, _ = fast_greedy_map(cdpruner_kernel(image_features[b], r[b]), T, eps, fill=r[b])
+        masks[b, sel] = True
+    return masks
 
 
 @dataclass

@@ -35,7 +35,7 @@ from torch import Tensor
 from tokcomp.contracts import LLMDecision, LLMStrategy, LLMView, check_keep_ratio
 from tokcomp.errors import ScheduleError
 
-__all__ = ["DART", "dart_per_pivot", "dart_select", "pivot_visit_order"]
+__all__ = ["DART", "dart_per_pivot", "dart_reference_keep", "dart_select", "pivot_visit_order"]
 
 
 def pivot_visit_order(positions: list[int]) -> list[int]:
@@ -135,6 +135,41 @@ def dart_select(
         "short": max(0, nominal - int(keep.numel())),
     }
     return keep, info
+
+
+def dart_reference_keep(
+    keys: Tensor,
+    states: Tensor,
+    image_start: int,
+    image_len: int,
+    pivot_image: int = 4,
+    pivot_text: int = 4,
+    per_pivot: int = 16,
+) -> Tensor:
+    """`dart_select` in the reference's batch-1 layout: one image span ``[image_start, image_start + image_len)``,
+    the text after it, absolute sequence indices.
+
+    Args:
+        keys: ``(H, N, d)`` or ``(1, H, N, d)`` layer K−1's post-RoPE keys (repeated or not).
+        states: ``(N, D)`` or ``(1, N, D)`` hidden states entering layer K, final-normed (or only scaled by the
+            norm's weight: the cosine does not see the per-token scale).
+        image_start: First image token.
+        image_len: Image tokens.
+        pivot_image: Visual pivots.
+        pivot_text: Text pivots.
+        per_pivot: The reference's ``TOKEN_TOPK``.
+
+    Returns:
+        The reference's ``keep_indexs``: sorted absolute indices of every token kept (all non-image tokens).
+    """
+    N = int(keys.shape[-2])
+    k = keys.reshape(-1, N, keys.shape[-1])
+    key_norm = k.float().abs().sum((0, 2))
+    visual = torch.zeros(N, dtype=torch.bool, device=keys.device)
+    visual[image_start:image_start + image_len] = True
+    positions = torch.arange(N, device=keys.device)
+    keep, _ = dart_select(key_norm, states.reshape(N, -1), visual, positions, pivot_image, pivot_text, per_pivot)
+    return torch.cat([positions[:image_start], keep + image_start, positions[image_start + image_len:]]).sort().values
 
 
 @dataclass

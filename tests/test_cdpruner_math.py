@@ -156,3 +156,26 @@ def test_strategy_keeps_t_per_image_and_reads_the_text_after_the_image():
         sel = greedy_by_determinants(kernel_by_loops(x[members], r[members]), 4)
         expected += (members[sel]).tolist()
     assert seen["decision"].keep.tolist() == sorted(expected)
+
+
+def test_reference_layout_normalises_over_the_batch():
+    """The reference's layout: relevance is minus the CLIP similarity, min-max normalised over every image of
+    the call, so one image's selection depends on the other's; the strategy normalises per sample instead."""
+    from tokcomp.strategies.cdpruner import cdpruner_reference_masks
+
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(2, 24, 16, generator=g)
+    embeds = torch.randn(2, 24, 8, generator=g)
+    text = torch.randn(2, 8, generator=g)
+    masks = cdpruner_reference_masks(feats, embeds, text, 6)
+    assert masks.sum(1).tolist() == [6, 6]
+    r = -torch.stack([
+        torch.tensor([float(torch.nn.functional.cosine_similarity(embeds[b, i], text, dim=-1).mean())
+                      for i in range(24)]) for b in range(2)
+    ])
+    r = (r - r.min() + 1e-6) / (r.max() - r.min())
+    for b in range(2):
+        expected = greedy_by_determinants(kernel_by_loops(feats[b], r[b]), 6)
+        assert sorted(masks[b].nonzero().squeeze(1).tolist()) == sorted(expected)
+    alone = cdpruner_reference_masks(feats[:1], embeds[:1], text, 6)
+    assert alone.shape == (1, 24) and int(alone.sum()) == 6

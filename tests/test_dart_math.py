@@ -151,3 +151,13 @@ def test_previous_projections_are_the_previous_layers_keys():
         torch.testing.assert_close(got["normed"], norm(got["cur"].hidden))
     assert torch.equal(got["cur"].sequence_index, torch.arange(h.shape[1]))
     assert torch.equal(got["prev"].visual, got["cur"].visual)
+
+
+def test_reference_layout_helper():
+    from tokcomp.strategies.dart import dart_reference_keep
+
+    keys, states, _ = _case(5, before=35, n=48, after=20)
+    # (1, H, N, d) keys and states scaled as a norm weight would scale them: the reference's inputs
+    kept = dart_reference_keep(keys.permute(1, 0, 2)[None], states[None] * 3.0, 35, 48, 4, 4, 4)
+    image = [35 + i for i in reference_dart(keys, states, 35, 48, 4, 4, 4)]
+    assert kept.tolist() == list(range(35)) + image + list(range(83, 103))
