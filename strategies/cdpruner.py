@@ -159,8 +159,8 @@ def cdpruner_reference_masks(
 
 @dataclass
 class CDPruner(LLMStrategy):
-    """CDPruner: per image, the ``T`` tokens of a greedy conditional-DPP MAP over instruction relevance and
-    feature similarity.
+    """CDPruner: per image (and per frame of a video), the ``T`` tokens of a greedy conditional-DPP MAP over
+    instruction relevance and feature similarity.
 
     Args:
         keep_ratio: Fraction of each image's (crop's, tile's) tokens kept, ``T = round(keep_ratio · n)``, at
@@ -219,10 +219,11 @@ class CDPruner(LLMStrategy):
             r = torch.ones(n, device=x.device)
         else:
             r = normalize_relevance(instruction_relevance(x, text, self.negate))
-        item_of = view.item_of
+        frame = view.coords[:, 0]
+        group = view.item_of * (int(frame.max()) + 1) + frame  # one pool per image, per frame of a video
         keep, filled = [], 0
-        for item in torch.unique(item_of).tolist():
-            members = (item_of == item).nonzero().squeeze(1)
+        for g in torch.unique(group).tolist():
+            members = (group == g).nonzero().squeeze(1)
             kernel = cdpruner_kernel(x[members], r[members])
             sel, f = fast_greedy_map(kernel, self.budget(int(members.numel())), self.eps, fill=r[members])
             keep.append(members[sel])

@@ -69,7 +69,7 @@ def divprune_select(x: Tensor, k: int) -> Tensor:
         return out.fill_(0)
     dist = cosine_distance(x)
     # nearest other token per column: the second-smallest value (the smallest is the self-distance ~0)
-    first = int(dist.kthvalue(2, dim=0).values.argmax())
+    first = int(torch.topk(dist, 2, dim=0, largest=False).values[1].argmax())
     out[0] = first
     score = dist[first].clone()  # distance of every token to the selected set
     taken = torch.zeros(n, dtype=torch.bool, device=x.device)

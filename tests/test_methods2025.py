@@ -108,3 +108,20 @@ def test_low_precision(arch):
         assert torch.isfinite(out.logits[0]).all()
         rep = run.report()
         assert min(map(min, rep.visual_tokens)) < min(rep.uncompressed_visual)
+
+
+def test_video_frames_are_pooled_separately():
+    """A Qwen2-VL video of 2 frames of 3x4 tokens: DivPrune and CDPruner keep round(0.25 * 12) = 3 per frame."""
+    model = cached_model("qwen2_vl")
+    frames = [testing.make_image(112, 84, seed=s) for s in range(4)]
+    batch = testing.tiny_inputs("qwen2_vl", [[]], videos=[frames])
+    for stage, layer in ((tc.Stage("divprune", site="projector", keep_ratio=0.25), 0),
+                         (tc.Stage("cdpruner", site="llm", keep_ratio=0.25), 0)):
+        with torch.no_grad(), tc.compress(model, [stage]) as run:
+            model.generate(**batch, max_new_tokens=2, do_sample=False)
+        rep = run.report()
+        assert rep.uncompressed_visual == [24] and rep.visual_tokens[layer] == [6]
+        if stage.site == "llm":
+            layout = tc.find_adapter(model).layouts(dict(batch))[0]
+            kept, frame = run.kept_positions(0)[0], layout.coords[:, 0]
+            assert [int(torch.isin(layout.positions[frame == f], kept).sum()) for f in (0, 1)] == [3, 3]
