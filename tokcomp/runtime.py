@@ -582,7 +582,7 @@ class CompressionRun:
                     (lambda b=b: self._previous_projections(layer, b, rank[b]))
                     if strategy.needs_previous_projections else None
                 ),
-                _final_norm=self.adapter.final_norm,
+                _final_norm=lambda x: self.adapter.final_norm(x),  # looked up on use only
             )
             decision = strategy.select(view)
             if isinstance(decision, torch.Tensor):
