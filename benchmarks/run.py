@@ -70,8 +70,22 @@ def budget_schedules(layers: int, llm_tokens: int, f: float = BUDGET) -> dict[st
     cascade from layer 2 has its decay solved for ``f``; OIM (two iterations, width then height) removes
     ``1 - sqrt(f)`` of the lines; downsample divides each side by ``1/sqrt(f)``; ToMe at the projector can
     merge at most half of the tokens in one application (bipartite matching), so it runs at ``f = 0.5``.
+    DART acts at layer 2 with FastV's ``r`` (it keeps its 4 image pivots on top: about ``r·n + 4``); DivPrune
+    (projector) and CDPruner (LLM input) keep ``f`` of each image before the first layer.
     """
-    from tokcomp.strategies import OIM, PACT, SPU, VTW, Downsample, FastV, RandomPrune, ToMe
+    from tokcomp.strategies import (
+        DART,
+        OIM,
+        PACT,
+        SPU,
+        VTW,
+        CDPruner,
+        DivPrune,
+        Downsample,
+        FastV,
+        RandomPrune,
+        ToMe,
+    )
 
     import tokcomp as tc
 
@@ -90,6 +104,9 @@ def budget_schedules(layers: int, llm_tokens: int, f: float = BUDGET) -> dict[st
         f"fastv@{tag}": tc.Schedule([tc.Stage(FastV(keep_ratio=r), site="llm", layers=[2])]),
         f"pact@{tag}": tc.Schedule([tc.Stage(PACT(keep_ratio=r), site="llm", layers=[2])]),
         f"random@{tag}": tc.Schedule([tc.Stage(RandomPrune(keep_ratio=r), site="llm", layers=[2])]),
+        f"dart@{tag}": tc.Schedule([tc.Stage(DART(keep_ratio=r), site="llm", layers=[2])]),
+        f"divprune@{tag}": tc.Schedule([tc.Stage(DivPrune(keep_ratio=f), site="projector")]),
+        f"cdpruner@{tag}": tc.Schedule([tc.Stage(CDPruner(keep_ratio=f), site="llm", layers=[0])]),
         f"vtw@{tag}": tc.Schedule([tc.Stage(VTW(), site="llm", layers=[max(1, round(f * layers))])]),
         f"oim@{tag}": tc.Schedule(
             [tc.Stage(OIM(rate=round(1 - math.sqrt(f), 3), iterations=2), site="encoder")]
@@ -101,7 +118,8 @@ def budget_schedules(layers: int, llm_tokens: int, f: float = BUDGET) -> dict[st
     }
 
 
-PRESETS = ["luvc", "luvc-video", "luvc-document", "spu", "fastv", "pact", "pact-qwen2-vl", "vtw"]
+PRESETS = ["luvc", "luvc-video", "luvc-document", "spu", "fastv", "pact", "pact-qwen2-vl", "vtw", "dart", "divprune",
+           "cdpruner"]
 
 
 def cases(quick: bool, device: str) -> list[Case]:

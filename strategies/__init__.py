@@ -2,7 +2,7 @@
 
 Import a strategy class from here to use it in a schedule::
 
-    from tokcomp.strategies import SPU, OIM, ToMe, Downsample, FastV, VTW, RandomPrune
+    from tokcomp.strategies import SPU, OIM, ToMe, Downsample, FastV, VTW, RandomPrune, DivPrune, CDPruner, DART
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from collections.abc import Callable
 from tokcomp.hookspecs import hookimpl
 
 from .baselines import RandomPrune
+from .cdpruner import CDPruner
+from .dart import DART
+from .divprune import DivPrune
 from .downsample import Downsample
 from .fastv import FastV
 from .oim import OIM
@@ -20,11 +23,24 @@ from .spu import SPU
 from .tome import ToMe
 from .vtw import VTW
 
-__all__ = ["OIM", "PACT", "SPU", "VTW", "Downsample", "FastV", "RandomPrune", "ToMe", "tokcomp_register_strategies"]
+__all__ = [
+    "DART",
+    "OIM",
+    "PACT",
+    "SPU",
+    "VTW",
+    "CDPruner",
+    "DivPrune",
+    "Downsample",
+    "FastV",
+    "RandomPrune",
+    "ToMe",
+    "tokcomp_register_strategies",
+]
 
 
 @hookimpl
 def tokcomp_register_strategies(register: Callable[[type], None]) -> None:
     """Register the built-in strategies."""
-    for cls in (SPU, OIM, ToMe, Downsample, FastV, PACT, VTW, RandomPrune):
+    for cls in (SPU, OIM, ToMe, Downsample, FastV, PACT, VTW, RandomPrune, DivPrune, CDPruner, DART):
         register(cls)

@@ -53,6 +53,11 @@ def _identity(x: Tensor, mode: Reduce = "mean") -> Tensor:
     return x
 
 
+def _follow(old_to_new: Tensor, owner: Tensor) -> Tensor:
+    """Provenance through a merge; patches held by no token (``-1``, after a pruning stage) stay ``-1``."""
+    return torch.where(owner >= 0, old_to_new[owner.clamp(min=0)], owner)
+
+
 def bipartite_soft_matching(
     metric: Tensor, r: int, class_token: bool = False, distill_token: bool = False
 ) -> tuple[MergeFn, MergeFn]:
@@ -336,7 +341,8 @@ class ToMe(VisualStrategy):
                     xm, new_size, pm, old_to_new = xm[:, 1:], new_size[:, 1:], pm[:, 1:], old_to_new[1:] - 1
                 k = xm.shape[1]
                 frames.append(FrameGrid(xm.to(fr.x.dtype).reshape(1, k, -1), new_size.reshape(1, k),
-                                        pm.reshape(1, k, 2), old_to_new[fr.owner], None, is_grid=False))
+                                        pm.reshape(1, k, 2), _follow(old_to_new, fr.owner), None,
+                                        is_grid=False))
             items.append(VisualItemTokens(it.kind, frames, it.original))
         return VisualTokens(items, tokens.site, tokens.layer, tokens.num_layers, tokens.stage_layers,
                             tokens.multiple, {"r": r}, tokens.prefix)

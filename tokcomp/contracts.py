@@ -112,6 +112,9 @@ class Projections:
         visual: ``(N,)`` bool, which of the N tokens are the visual tokens of the view (same order).
         hidden: ``(N, D)`` the residual-stream hidden states entering the layer (before its norm).
         scaling: The attention's softmax scale (usually ``d ** -0.5``).
+        sequence_index: ``(N,)`` long, each token's index in the sample's sequence as it entered the LLM,
+            padding not counted (what a batch-1 reference implementation calls the token's absolute index).
+            Filled by the runtime; None from code that builds projections by hand.
     """
 
     q: torch.Tensor
@@ -121,6 +124,7 @@ class Projections:
     visual: torch.Tensor
     hidden: torch.Tensor
     scaling: float
+    sequence_index: torch.Tensor | None = None
 
 
 @dataclass
@@ -151,6 +155,8 @@ class LLMView:
     sample: int
     _scores: Callable[[str], torch.Tensor] | None = field(default=None, repr=False)
     _projections: Callable[[], Projections] | None = field(default=None, repr=False)
+    _previous_projections: Callable[[], Projections] | None = field(default=None, repr=False)
+    _final_norm: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def num_present(self) -> int:
@@ -195,6 +201,23 @@ class LLMView:
             raise RuntimeError("projections are not available in this view")
         return self._projections()
 
+    def previous_projections(self) -> Projections:
+        """The *previous* layer's q/k projections (the layer whose output enters ``layer``) of the same tokens,
+        in the same order as `projections`: computed from that layer's own input norm, q/k projections and
+        RoPE on its input. ``hidden`` is that layer's input. Needs ``needs_previous_projections=True``."""
+        if self._previous_projections is None:
+            raise RuntimeError(
+                "this strategy did not declare needs_previous_projections=True, so the previous layer's input "
+                "was not kept"
+            )
+        return self._previous_projections()
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The LLM's final norm (the one before the LM head) applied to hidden states ``x`` ``(..., D)``."""
+        if self._final_norm is None:
+            raise RuntimeError("the final norm is not available in this view")
+        return self._final_norm(x)
+
 
 @dataclass
 class LLMDecision:
@@ -227,6 +250,8 @@ class Strategy:
         sites: The sites the method can run at.
         needs_scores: The runtime must prepare attention scores (`LLMView.attention_scores`).
         needs_projections: The runtime must offer the layer's q/k (`LLMView.projections`).
+        needs_previous_projections: The runtime must keep the previous layer's input, so that
+            `LLMView.previous_projections` can recompute its q/k (the stage cannot run at layer 0).
         preserves_grid: Encoder/projector sites: the output is still a rectangular grid.
     """
 
@@ -234,6 +259,7 @@ class Strategy:
     sites: ClassVar[frozenset[str]] = frozenset()
     needs_scores: ClassVar[bool] = False
     needs_projections: ClassVar[bool] = False
+    needs_previous_projections: ClassVar[bool] = False
     preserves_grid: ClassVar[bool] = True
 
     def check(self) -> None:
@@ -411,6 +437,11 @@ class Adapter:
     def attn_implementation(self) -> str:
         """The attention backend the LLM runs with (``sdpa``, ``eager``, ``flash_attention_2``, ...)."""
         return str(self.language_model.config._attn_implementation)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The LLM's final norm, applied to the last layer's output before the LM head."""
+        return self.language_model.norm
 
     def attention_parts(self, layer: int) -> AttentionParts:
         """The norm and q/k projections of decoder layer ``layer``."""

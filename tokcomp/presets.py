@@ -64,6 +64,24 @@ def _vtw(num_layers: int) -> Schedule:
     return Schedule([Stage(VTW(), site="llm", layers=[num_layers // 2])])
 
 
+def _dart(num_layers: int) -> Schedule:
+    from tokcomp.strategies import DART
+
+    return Schedule([Stage(DART(keep_ratio=0.111), site="llm", layers=[min(2, num_layers - 1)])])
+
+
+def _divprune(num_layers: int) -> Schedule:
+    from tokcomp.strategies import DivPrune
+
+    return Schedule([Stage(DivPrune(keep_ratio=0.098), site="projector")])
+
+
+def _cdpruner(num_layers: int) -> Schedule:
+    from tokcomp.strategies import CDPruner
+
+    return Schedule([Stage(CDPruner(keep_ratio=0.111), site="llm", layers=[0])])
+
+
 PRESETS: dict[str, tuple[Callable[[int], Schedule], str]] = {
     "luvc": (_luvc, ("LUVC for images: OIM 2 iterations (width, height; rate 0.25) in the last third of the "
                     "encoder + SPU cascade from layer 2 (project's starting choice; paper's numbers unreadable)")),
@@ -79,6 +97,11 @@ PRESETS: dict[str, tuple[Callable[[int], Schedule], str]] = {
     "pact-qwen2-vl": (_pact(0.10, 0.80), ("PACT at layer 4 with the reference's Qwen2-VL-7B defaults "
                                          "(cutoff 0.10, keep 0.80)")),
     "vtw": (_vtw, "VTW at half depth (reference K=15/16 of 32 layers); use vtw.search_k for a model"),
+    "dart": (_dart, ("DART at layer 2 with 4 + 4 pivots, 88.9% of the visual tokens pruned (the abstract's headline; "
+                    "the reference's Qwen counting rule keeps 4 + 8 * int(n * 0.111 / 8))")),
+    "divprune": (_divprune, "DivPrune on the projected tokens, ratio 0.098 (the reference's SUBSET_RATIO: 56 of 576)"),
+    "cdpruner": (_cdpruner, ("CDPruner on the LLM input, 11.1% per image (the reference's visual_token_num=64 of "
+                            "LLaVA-1.5's 576; relevance from the LLM's prompt embeddings, tokcomp's adaptation)")),
 }
 """The built-in presets: name -> (factory of the LLM depth, description with the numbers' source)."""
 

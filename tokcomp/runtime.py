@@ -228,11 +228,11 @@ class CompressionRun:
             layer - 1
             for layer, ss in by_layer.items()
             for s in ss
-            if s.strategy.needs_scores and layer >= 1
+            if (s.strategy.needs_scores or s.strategy.needs_previous_projections) and layer >= 1
         }
         for layer, ss in by_layer.items():
             for s in ss:
-                if s.strategy.needs_scores and layer == 0:
+                if (s.strategy.needs_scores or s.strategy.needs_previous_projections) and layer == 0:
                     raise ScheduleError(
                         f"stage {s.index} ({type(s.strategy).name} at site 'llm'): {type(s.strategy).name} scores tokens with the attention of the "
                         "previous layer, so it cannot run at layer 0; use layers >= 1"
@@ -588,6 +588,11 @@ class CompressionRun:
                 sample=b,
                 _scores=(lambda q, b=b, vs=vis_slots: scores_fn(q)[b, vs]) if scores_fn else None,
                 _projections=(lambda b=b: self._projections(layer, hs, b, rank[b])),
+                _previous_projections=(
+                    (lambda b=b: self._previous_projections(layer, b, rank[b]))
+                    if strategy.needs_previous_projections else None
+                ),
+                _final_norm=lambda x: self.adapter.final_norm(x),  # looked up on use only
             )
             decision = checked_select(stage.label, layer, strategy, view)
             keep = decision.keep
@@ -720,7 +725,41 @@ class CompressionRun:
         cos_b = _gather(cos[b:b + 1] if cos.shape[0] > 1 else cos, idx, 1)
         sin_b = _gather(sin[b:b + 1] if sin.shape[0] > 1 else sin, idx, 1)
         q, k, qr, kr, scaling, _ = self._qk(layer, hs[b:b + 1, sel], cos_b, sin_b)
-        return Projections(q[0], k[0], qr[0], kr[0], rank_b[sel] >= 0, hs[b, sel], scaling)
+        return Projections(q[0], k[0], qr[0], kr[0], rank_b[sel] >= 0, hs[b, sel], scaling,
+                           self._sequence_index(b, idx[0]))
+
+    # -- previous layer's projections (needs_previous_projections) ------------------------------------
+    def _sequence_index(self, b: int, original: torch.Tensor) -> torch.Tensor:
+        """Index of each original slot ``original`` in sample ``b``'s sequence as it entered the LLM (no
+        padding, no unused placeholder slots)."""
+        st = self._state
+        assert st is not None
+        entered = st.valid0[b] if st.initial_keep is None else st.initial_keep[b]
+        return (entered.long().cumsum(0) - 1)[original]
+
+    @torch.no_grad()
+    def _previous_projections(self, layer: int, b: int, rank_b: torch.Tensor) -> Projections:
+        """`Projections` of layer ``layer - 1`` for sample ``b``'s valid tokens present now, from that layer's
+        captured input (the same tokens and order as `_projections`)."""
+        st = self._state
+        assert st is not None and st.index is not None
+        prev_hs, (cos, sin), prev_index = st.captured[layer - 1]
+        index = st.index[b]
+        sel = ((index >= 0) & st.valid0[b, index.clamp(min=0)]).nonzero().squeeze(1)
+        idx = index[sel]
+        # the slot of each current token in the previous layer's input (a token present now was present then)
+        where = torch.full((st.length,), -1, dtype=torch.long, device=idx.device)
+        prev = prev_index[b]
+        live = prev >= 0
+        where[prev[live]] = live.nonzero().squeeze(1)
+        slots = where[idx]
+        if bool((slots < 0).any()):
+            raise RuntimeStateError(f"layer {layer}: a token present now was not in layer {layer - 1}'s input")
+        cos_b = (cos[b:b + 1] if cos.shape[0] > 1 else cos)[:, slots]
+        sin_b = (sin[b:b + 1] if sin.shape[0] > 1 else sin)[:, slots]
+        x = prev_hs[b:b + 1, slots]
+        q, k, qr, kr, scaling, _ = self._qk(layer - 1, x, cos_b, sin_b)
+        return Projections(q[0], k[0], qr[0], kr[0], rank_b[sel] >= 0, x[0], scaling, self._sequence_index(b, idx))
 
     # -- decode --------------------------------------------------------------------------------------
     def _decode_kwargs(self, i: int, hs: torch.Tensor, kwargs: dict) -> dict:

@@ -61,6 +61,35 @@ class FrameGrid:
         """A copy with some fields replaced."""
         return replace(self, **changes)
 
+    def subset(self, keep: torch.Tensor) -> FrameGrid:
+        """The frame reduced to the tokens ``keep``, as a 1-D frame ``(1, k)`` (``is_grid=False``).
+
+        What pruning strategies return: the kept tokens keep their hidden states, sizes, positions and
+        metric, in the order of ``keep``; original patches held by a removed token get owner ``-1`` (held by
+        no token).
+
+        Args:
+            keep: ``(k,)`` unique raster indices of the tokens to keep (ascending keeps the original order).
+
+        Returns:
+            The reduced frame.
+        """
+        n = self.num_tokens
+        keep = keep.to(device=self.x.device, dtype=torch.long)
+        k = int(keep.numel())
+        new_of_old = torch.full((n,), -1, dtype=torch.long, device=self.x.device)
+        new_of_old[keep] = torch.arange(k, device=self.x.device)
+        owner = torch.where(self.owner >= 0, new_of_old[self.owner.clamp(min=0)], self.owner)
+        metric = None if self.metric is None else self.metric.reshape(n, -1)[keep].reshape(1, k, -1)
+        return FrameGrid(
+            self.x.reshape(n, -1)[keep].reshape(1, k, -1),
+            self.size.reshape(n)[keep].reshape(1, k),
+            self.pos.reshape(n, 2)[keep].reshape(1, k, 2),
+            owner,
+            metric,
+            is_grid=False,
+        )
+
 
 @dataclass
 class VisualItemTokens:
