@@ -200,3 +200,21 @@ def test_tiled_towers_count_merged_tiles_after_an_encoder_stage(arch, per_tile, 
     assert comp[0] == base[0]
     assert comp[1]["attn_scores"] == 2 * tiles * merged * merged * hidden
     assert base[1]["attn_scores"] == 2 * tiles * per_tile * per_tile * hidden
+
+
+def test_qwen3_vl_vision_groups_per_image():
+    """Qwen3-VL's tower (the same tiny block shape, 4 blocks, 16-px patches): one attention group per image
+    from image_grid_thw, and the merged groups after an encoder stage."""
+    model = cached_model("qwen3_vl")
+    inputs = testing.tiny_inputs("qwen3_vl")  # 224x168 -> 10x14 patches, 140x196 -> 12x8 patches
+    assert inputs["image_grid_thw"].tolist() == [[1, 10, 14], [1, 12, 8]]
+    with torch.no_grad(), tc.compress(model, [tc.Stage(OIM(rate=0.25), site="encoder", layers=[1])]) as run:
+        model(**inputs)
+    rep = run.report()
+    fb = flops_breakdown(model, rep, inputs=inputs)
+    v = fb["vision"]
+    assert v["exact"]
+    merged = rep.encoder_tokens[1]
+    assert sum(merged) < 140 + 96
+    assert v["baseline"]["total"] == 4 * vision_block([140, 96])
+    assert v["compressed"]["total"] == vision_block([140, 96]) + 3 * vision_block(merged)

@@ -133,7 +133,7 @@ def _baseline_vision_groups(
     cfg = model.config
     mtype = getattr(cfg, "model_type", "")
     vcfg = getattr(cfg, "vision_config", None)
-    if mtype in ("qwen2_vl", "qwen2_5_vl"):
+    if mtype in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         merge = int(vcfg.spatial_merge_size)
         if inputs is not None and (
             inputs.get("image_grid_thw") is not None or inputs.get("video_grid_thw") is not None
