@@ -193,6 +193,11 @@ class LlavaOnevisionAdapter(Adapter):
         if session.encoder_stages:
             handles += self._install_encoder(session)
 
+        if session.encoder_stages:
+            # the tower's results mark the prefill; a prefill that reuses features computed once (generate()
+            # with use_cache=False) reuses the tower's last results
+            return handles
+
         def mark(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             cache = cache_of(kwargs)
             if cache is None or cache.get_seq_length() == 0:
