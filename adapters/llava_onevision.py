@@ -463,7 +463,7 @@ class LlavaOnevisionAdapter(Adapter):
             ratio = math.sqrt(h * w / (max_tiles * h0**2))
             if ratio > 1.1:
                 h, w = int(h // ratio), int(w // ratio)
-            out.append([base, _Part("image", (1, h, w), row_newline=True)])
+            out.append([base, _Part("image", (1, *_empty_grid(h, w)), row_newline=True)])
         return out
 
     def _image_parts_from_features(self, feats: torch.Tensor) -> list[_Part]:
@@ -475,12 +475,13 @@ class LlavaOnevisionAdapter(Adapter):
         rest = feats.shape[0] - n_base
         if rest == 1 and is_nl.tolist() == [0]:
             return [_Part("image", (1, h0, w0), tail_newline=True)]
+        if rest == 0:  # an extreme aspect ratio left the AnyRes grid no row (see _empty_grid)
+            return [_Part("image", (1, h0, w0)), _Part("image", (1, 0, 0), row_newline=True)]
         if is_nl.numel() >= 1:
-            w = int(is_nl[0])
+            w = int(is_nl[0])  # 0: no column, rows of one newline each
             h = is_nl.numel()
             if (
-                w > 0
-                and h * (w + 1) == rest
+                h * (w + 1) == rest
                 and torch.equal(is_nl, torch.arange(h, device=is_nl.device) * (w + 1) + w)
             ):
                 return [_Part("image", (1, h0, w0)), _Part("image", (1, h, w), row_newline=True)]
@@ -558,8 +559,13 @@ def pack_merged_anyres(
     s_col = (cc // w0) * w2 + own % w2
     # The model's own crop, read off a canvas of indices.
     content = unpad_image(torch.arange(R * h0 * C * w0, device=dev).view(1, R * h0, C * w0), image_size)[0]
+    hc, wc = content.shape
+    if hc == 0 or wc == 0:
+        # An extreme aspect ratio: the model's crop keeps no patch column (row), and its grid is h x 0 (0 x w),
+        # only newlines. The merged grid is the same empty grid.
+        hc, wc = _empty_grid(hc, wc)
+        return tiles.new_zeros(hc, wc, D), torch.zeros(0, dtype=torch.long, device=dev), (hc, wc)
     c_rows, c_cols = content[:, 0] // (C * w0), content[0] % (C * w0)
-    hc, wc = len(c_rows), len(c_cols)
     keep_rows = _covering(s_row[c_rows][:, c_cols], R * h2, hc)
     keep_cols = _covering(s_col[c_rows][:, c_cols], C * w2, wc)
     stitched = tiles.view(R, C, h2, w2, D).permute(0, 2, 1, 3, 4).reshape(R * h2, C * w2, D)
@@ -580,6 +586,16 @@ def pack_merged_anyres(
     b = torch.searchsorted(keep_cols, s_col[pr, pc])
     a, b = _nearest(a, hk, final[0]), _nearest(b, wk, final[1])
     return x, (a * final[1] + b).reshape(-1), original
+
+
+def _empty_grid(h: int, w: int) -> tuple[int, int]:
+    """An AnyRes grid's ``(rows, cols)``, with every grid of no row written ``(0, 0)``.
+
+    Extreme aspect ratios (a 28 x 1000 picture) make the model's unpadding keep no column (``h x 0``: ``h``
+    newlines, no visual token) or no row (nothing at all); the width of a grid without rows is not readable
+    off the packed features, so it is not part of the layout.
+    """
+    return (0, 0) if h == 0 else (h, w)
 
 
 def _covering(cells: torch.Tensor, n: int, limit: int) -> torch.Tensor:

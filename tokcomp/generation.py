@@ -165,7 +165,13 @@ def llm_input_expanded(
 
 def compact_labels(labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``labels`` (B, L) compacted like the sequence: slot ``s`` of row ``b`` gets the label of the original
-    position ``positions[b, s]`` (`IGNORE_INDEX` where the slot is dead, ``positions < 0``)."""
+    position ``positions[b, s]``.
+
+    `IGNORE_INDEX` goes where the slot is dead (``positions < 0``) and right after a dead slot: the loss
+    predicts slot ``s`` from the logits of slot ``s - 1``, and a dead slot holds no token.
+    """
     idx = positions.to(labels.device)
-    out = labels.gather(1, idx.clamp(min=0))
-    return out.masked_fill(idx < 0, IGNORE_INDEX)
+    dead = idx < 0
+    out = labels.gather(1, idx.clamp(min=0)).masked_fill(dead, IGNORE_INDEX)
+    out[:, 1:] = out[:, 1:].masked_fill(dead[:, :-1], IGNORE_INDEX)
+    return out

@@ -30,7 +30,7 @@ forward returns the sequence the last layer computed. Slots hold the surviving t
 removed tokens and padding are gone, and rows are packed to the right (shorter rows start with dead slots),
 so position ``-k`` of every row is its ``k``-th last surviving token and text tokens (never removed) are
 scored by counting from the end. ``run.kept_positions(layer)`` maps slots to original positions; the logits
-follow the last layer, ``hidden_states[i]`` the input of layer ``i`` (the last entry the last layer),
+follow the last layer, ``hidden_states[i + 1]`` the output of layer ``i`` (``[0]``: the slots of layer 0),
 ``attentions[i]`` layer ``i``'s slots. ``labels`` are compacted the same way (dead slots: -100) and the loss
 is the model's own loss function on them. A prefill in which nothing was removed returns the model's own
 layout.
@@ -347,7 +347,7 @@ class CompressionRun:
     def kept_positions(self, layer: int) -> torch.Tensor:
         """``(B, S)`` original sequence index of every slot entering ``layer`` in the last prefill (-1: dead
         padding slot). Layers before the first stage see every position. The returned logits have the slots
-        of the last layer, ``hidden_states[layer]`` those of ``layer`` (module docstring: outputs under
+        of the last layer, ``hidden_states[layer + 1]`` those of ``layer`` (module docstring: outputs under
         compression)."""
         st = self._require_state()
         if layer in st.index_per_layer:
