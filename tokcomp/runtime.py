@@ -53,7 +53,7 @@ from .compat import cache_of, check_transformers_version
 from .contracts import Adapter, LLMDecision, LLMStrategy, LLMView, Projections, SampleLayout
 from .encoder import BIAS_PREFIX, VisionSession, enable_bias_attention, hidden_states_of, with_hidden_states
 from .errors import RuntimeStateError, ScheduleError, UnsupportedModelError
-from .generation import Expansion, InstanceAttribute, compact_labels, llm_input_expanded, watch_expansion
+from .generation import Expansion, compact_labels, llm_input_expanded, watch_expansion
 from .kvcache import CacheRecord, LayerSlots, attach, new_run_id, record_of, set_live, stored_length
 from .report import Report, StageEvent
 from .schedule import ResolvedStage, Schedule, Stage
