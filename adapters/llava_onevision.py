@@ -184,10 +184,11 @@ class LlavaOnevisionAdapter(Adapter):
         return []
 
     def install_vision(self, session: VisionSession) -> list[Any]:
-        """Mark every prefill call of the model, so that the runtime consults `llm_input` (where the
-        projector stages run) whether the features come from the tower or were passed in as
-        ``mm_encoder_outputs``; with encoder stages, also the row-tower hooks and the ``pack_image_features``
-        wrapper (module docstring)."""
+        """With encoder stages: the row-tower hooks and the ``pack_image_features`` wrapper (module
+        docstring); the tower's results then mark each prefill, and a prefill that reuses the features
+        computed once (``generate(use_cache=False)``) reuses them. Projector stages alone: mark every prefill
+        call of the model, so that the runtime consults `llm_input` (where the projector stages run) whether
+        the features come from the tower or were passed in as ``mm_encoder_outputs``."""
         self._session = session
         handles: list[Any] = []
         if session.encoder_stages:
