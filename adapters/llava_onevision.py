@@ -184,14 +184,20 @@ class LlavaOnevisionAdapter(Adapter):
         return []
 
     def install_vision(self, session: VisionSession) -> list[Any]:
-        """Mark every prefill call of the model, so that the runtime consults `llm_input` (where the
-        projector stages run) whether the features come from the tower or were passed in as
-        ``mm_encoder_outputs``; with encoder stages, also the row-tower hooks and the ``pack_image_features``
-        wrapper (module docstring)."""
+        """With encoder stages: the row-tower hooks and the ``pack_image_features`` wrapper (module
+        docstring); the tower's results then mark each prefill, and a prefill that reuses the features
+        computed once (``generate(use_cache=False)``) reuses them. Projector stages alone: mark every prefill
+        call of the model, so that the runtime consults `llm_input` (where the projector stages run) whether
+        the features come from the tower or were passed in as ``mm_encoder_outputs``."""
         self._session = session
         handles: list[Any] = []
         if session.encoder_stages:
             handles += self._install_encoder(session)
+
+        if session.encoder_stages:
+            # the tower's results mark the prefill; a prefill that reuses features computed once (generate()
+            # with use_cache=False) reuses the tower's last results
+            return handles
 
         def mark(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             cache = cache_of(kwargs)
@@ -458,7 +464,7 @@ class LlavaOnevisionAdapter(Adapter):
             ratio = math.sqrt(h * w / (max_tiles * h0**2))
             if ratio > 1.1:
                 h, w = int(h // ratio), int(w // ratio)
-            out.append([base, _Part("image", (1, h, w), row_newline=True)])
+            out.append([base, _Part("image", (1, *_empty_grid(h, w)), row_newline=True)])
         return out
 
     def _image_parts_from_features(self, feats: torch.Tensor) -> list[_Part]:
@@ -470,12 +476,13 @@ class LlavaOnevisionAdapter(Adapter):
         rest = feats.shape[0] - n_base
         if rest == 1 and is_nl.tolist() == [0]:
             return [_Part("image", (1, h0, w0), tail_newline=True)]
+        if rest == 0:  # an extreme aspect ratio left the AnyRes grid no row (see _empty_grid)
+            return [_Part("image", (1, h0, w0)), _Part("image", (1, 0, 0), row_newline=True)]
         if is_nl.numel() >= 1:
-            w = int(is_nl[0])
+            w = int(is_nl[0])  # 0: no column, rows of one newline each
             h = is_nl.numel()
             if (
-                w > 0
-                and h * (w + 1) == rest
+                h * (w + 1) == rest
                 and torch.equal(is_nl, torch.arange(h, device=is_nl.device) * (w + 1) + w)
             ):
                 return [_Part("image", (1, h0, w0)), _Part("image", (1, h, w), row_newline=True)]
@@ -553,8 +560,13 @@ def pack_merged_anyres(
     s_col = (cc // w0) * w2 + own % w2
     # The model's own crop, read off a canvas of indices.
     content = unpad_image(torch.arange(R * h0 * C * w0, device=dev).view(1, R * h0, C * w0), image_size)[0]
+    hc, wc = content.shape
+    if hc == 0 or wc == 0:
+        # An extreme aspect ratio: the model's crop keeps no patch column (row), and its grid is h x 0 (0 x w),
+        # only newlines. The merged grid is the same empty grid.
+        hc, wc = _empty_grid(hc, wc)
+        return tiles.new_zeros(hc, wc, D), torch.zeros(0, dtype=torch.long, device=dev), (hc, wc)
     c_rows, c_cols = content[:, 0] // (C * w0), content[0] % (C * w0)
-    hc, wc = len(c_rows), len(c_cols)
     keep_rows = _covering(s_row[c_rows][:, c_cols], R * h2, hc)
     keep_cols = _covering(s_col[c_rows][:, c_cols], C * w2, wc)
     stitched = tiles.view(R, C, h2, w2, D).permute(0, 2, 1, 3, 4).reshape(R * h2, C * w2, D)
@@ -575,6 +587,16 @@ def pack_merged_anyres(
     b = torch.searchsorted(keep_cols, s_col[pr, pc])
     a, b = _nearest(a, hk, final[0]), _nearest(b, wk, final[1])
     return x, (a * final[1] + b).reshape(-1), original
+
+
+def _empty_grid(h: int, w: int) -> tuple[int, int]:
+    """An AnyRes grid's ``(rows, cols)``, with every grid of no row written ``(0, 0)``.
+
+    Extreme aspect ratios (a 28 x 1000 picture) make the model's unpadding keep no column (``h x 0``: ``h``
+    newlines, no visual token) or no row (nothing at all); the width of a grid without rows is not readable
+    off the packed features, so it is not part of the layout.
+    """
+    return (0, 0) if h == 0 else (h, w)
 
 
 def _covering(cells: torch.Tensor, n: int, limit: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from tokcomp.strategies import SPU, VTW, FastV, RandomPrune
 
 import tokcomp as tc
 from tokcomp import testing
+from tokcomp.kvcache import stored_length
 
 LLM_STRATEGIES = {
     "spu": lambda: tc.Stage(SPU(), site="llm", layers=range(1, 4)),
@@ -158,7 +159,7 @@ def test_generate_with_cache_equals_recompute(name, attn):
     with torch.no_grad(), tc.compress(model, tc.Schedule([stage])) as run:
         cached = model.generate(**batch, **gen)
         cache = cached.past_key_values
-        lengths = [cache.get_seq_length(i) for i in range(4)]
+        lengths = [stored_length(cache, i) for i in range(4)]  # physical: get_seq_length is logical
         fresh = model.generate(**batch, **gen, use_cache=False)
     L = batch["input_ids"].shape[1]
     if min(stage.layers) > 0:

@@ -18,6 +18,7 @@ encoder and projector sites on it; `first_slots_input` carries the result to an 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -274,10 +275,15 @@ class VisionSession:
         result.events, self.events = self.events, []
 
     def take(self) -> list[VisionCallResult]:
-        """The results waiting for an LLM input (or the last ones when the tower did not run again)."""
+        """The results waiting for an LLM input (or the last ones when the tower did not run again: generate()
+        with ``use_cache=False`` runs every step's prefill on the features it computed once).
+
+        Shallow copies are returned, so an adapter that annotates them for the report leaves the originals as
+        the tower left them for a later reuse.
+        """
         if self.pending:
             self.last, self.pending = self.pending, []
-        return self.last
+        return [copy.copy(r) for r in self.last]
 
     def reset(self) -> None:
         """Forget everything recorded."""

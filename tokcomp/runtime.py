@@ -16,9 +16,24 @@ How LLM-side removal works (the invariants the tests hold):
   and dead slots hidden, plus ``log size`` for merged tokens (proportional attention). It is handed to the
   layer in the format of the model's attention backend (bool for SDPA, additive float for eager, 2-D for
   FlashAttention), so no backend is switched.
-* Decoding with the KV cache: each layer's cache holds its own number of slots. Lengths and positions in
-  ``generate()`` are read from layer 0, which is never shorter than the original prompt unless a stage
-  acts at layer 0 (handled by re-indexing the 2-D mask); the per-layer mask is extended with the new tokens.
+* Decoding with the KV cache: each layer's cache holds its own number of slots. What decoding needs (valid
+  slots and bias per layer, the position shift) is written onto the cache after the prefill
+  (`tokcomp.kvcache`), so hand-written loops, ``copy.deepcopy`` of a cache and multi-turn continuation work,
+  and the cache reports the logical (uncompressed) length that ``generate()`` slices and numbers positions
+  by. When layer 0 itself is shorter (encoder/projector stages, a stage at layer 0) the 2-D mask is
+  re-indexed to the slots it holds; the per-layer mask is extended with the new tokens.
+* ``generate()`` encoding the images once and then repeating the batch for beams or return sequences is
+  followed by `tokcomp.generation` (the LLM input is computed per sample and repeated).
+
+Outputs under compression (the contract; docs page "Generation, scoring and KV caches"): a compressed
+forward returns the sequence the last layer computed. Slots hold the surviving tokens in original order,
+removed tokens and padding are gone, and rows are packed to the right (shorter rows start with dead slots),
+so position ``-k`` of every row is its ``k``-th last surviving token and text tokens (never removed) are
+scored by counting from the end. ``run.kept_positions(layer)`` maps slots to original positions; the logits
+follow the last layer, ``hidden_states[i + 1]`` the output of layer ``i`` (``[0]``: the slots of layer 0),
+``attentions[i]`` layer ``i``'s slots. ``labels`` are compacted the same way (dead slots: -100) and the loss
+is the model's own loss function on them. A prefill in which nothing was removed returns the model's own
+layout.
 """
 
 from __future__ import annotations
@@ -40,6 +55,8 @@ from .compat import cache_of, check_transformers_version
 from .contracts import Adapter, LLMStrategy, LLMView, Projections, SampleLayout
 from .encoder import BIAS_PREFIX, VisionSession, enable_bias_attention, hidden_states_of, with_hidden_states
 from .errors import RuntimeStateError, ScheduleError, UnsupportedModelError
+from .generation import Expansion, compact_labels, llm_input_expanded, watch_expansion
+from .kvcache import CacheRecord, LayerSlots, attach, new_run_id, record_of, set_live, stored_length
 from .report import Report, StageEvent
 from .schedule import ResolvedStage, Schedule, Stage
 
@@ -124,14 +141,6 @@ def compress(
 
 
 @dataclass
-class _LayerRecord:
-    """What a hooked layer's KV cache holds after prefill, for building its decode masks."""
-
-    valid: torch.Tensor  # (B, S) bool: slot may be attended
-    bias: torch.Tensor | None  # (B, S) float log-size, or None
-
-
-@dataclass
 class _Prefill:
     """State of one prefill call (and the decode steps that follow it)."""
 
@@ -145,7 +154,7 @@ class _Prefill:
     sizes: torch.Tensor | None = None  # (B, S) float, None while all ones
     cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
     position_ids: torch.Tensor | None = None  # the layers' position_ids kwarg at full length
-    records: dict[int, _LayerRecord] = field(default_factory=dict)
+    records: dict[int, LayerSlots] = field(default_factory=dict)
     captured: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = field(
         default_factory=dict
     )
@@ -154,7 +163,6 @@ class _Prefill:
     index_per_layer: dict[int, torch.Tensor] = field(default_factory=dict)
     events: list[StageEvent] = field(default_factory=list)
     overhead_s: float = 0.0
-    mask2d: torch.Tensor | None = None  # decode: generate()'s 2-D mask for the current step
     call: dict[str, Any] = field(default_factory=dict)
     initial_keep: torch.Tensor | None = None  # (B, L) slots carrying a real token after encoder stages
     decode_shift: torch.Tensor | None = None  # (B,) position shift of decoding steps (new grids' M-RoPE)
@@ -221,6 +229,11 @@ class CompressionRun:
         self._first = min(by_layer) if by_layer else None
         self.vision = VisionSession(stages, self._vision_depth(adapter, stages), adapter.grid_multiple)
         self._saved_attn: list[tuple[Any, str]] = []
+        self.run_id = new_run_id()
+        self._mask2d: torch.Tensor | None = None  # generate()'s 2-D mask for the current call
+        self._labels: torch.Tensor | None = None  # labels held back from the model at a compressed prefill
+        self._expansion: Expansion | None = None  # generate() expanded the batch after the tower ran
+        self._reused_expansion: Expansion | None = None  # the expansion of the tower results in use
         if self.vision.active:
             self._first = 0  # the LLM input itself shrinks: every layer needs the per-slot bookkeeping
         # layers whose input is kept for score computation at the next layer
@@ -251,6 +264,7 @@ class CompressionRun:
         if getattr(self.model, "_tokcomp_active", False):
             raise RuntimeStateError("the model is already inside a tokcomp.compress block; nest none")
         self._active = True
+        set_live(self.run_id, True)
         try:
             self._install()
         except BaseException:
@@ -265,9 +279,14 @@ class CompressionRun:
         self.model._tokcomp_active = True
         h = self.model.register_forward_pre_hook(self._model_hook, with_kwargs=True)
         self._handles.append(h)
+        self._handles.append(self.model.register_forward_hook(self._model_done, with_kwargs=True))
         lm = self.adapter.language_model
         self._handles.append(lm.register_forward_pre_hook(self._lm_hook, with_kwargs=True))
+        self._handles.append(lm.register_forward_hook(self._lm_done, with_kwargs=True))
         if self.vision.active:
+            watch = watch_expansion(self.model, self._expanded)
+            if watch is not None:
+                self._handles.append(watch)
             self._handles.extend(self.adapter.install_vision(self.vision))
             if self.vision.proportional:
                 self._use_bias_attention()
@@ -303,7 +322,9 @@ class CompressionRun:
         if "_tokcomp_active" in self.model.__dict__:
             del self.model.__dict__["_tokcomp_active"]
         self._active = False
-        self._state = None if self._state is None else self._state
+        set_live(self.run_id, False)
+        self._labels = None
+        self._expansion = self._reused_expansion = None
 
     # -- results -------------------------------------------------------------------------------------
     def report(self) -> Report:
@@ -333,7 +354,9 @@ class CompressionRun:
 
     def kept_positions(self, layer: int) -> torch.Tensor:
         """``(B, S)`` original sequence index of every slot entering ``layer`` in the last prefill (-1: dead
-        padding slot). Layers before the first stage see every position."""
+        padding slot). Layers before the first stage see every position. The returned logits have the slots
+        of the last layer, ``hidden_states[layer + 1]`` those of ``layer`` (module docstring: outputs under
+        compression)."""
         st = self._require_state()
         if layer in st.index_per_layer:
             return st.index_per_layer[layer].clone()
@@ -345,7 +368,7 @@ class CompressionRun:
         return self._state
 
     # -- hooks ---------------------------------------------------------------------------------------
-    def _model_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _model_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         call = dict(kwargs)
         if args:
             call.setdefault("input_ids", args[0])
@@ -356,13 +379,48 @@ class CompressionRun:
                 "different token counts; use the default DynamicCache (cache_implementation=None)"
             )
         past = cache.get_seq_length() if cache is not None else 0
-        if past == 0:
-            self._start_prefill(call, cache)
-        elif (self._state is None or self._state.cache is not cache) and self._first is not None:
+        if past > 0:
+            self._check_continued(cache, past)
+            return None
+        self._start_prefill(call, cache)
+        if kwargs.get("labels") is not None and self._first is not None:
+            # The logits come back compacted; the loss is computed on them with labels compacted alike
+            # (_model_done), instead of inside the model, where the lengths would not match.
+            self._labels = kwargs.pop("labels")
+            return args, kwargs
+        return None
+
+    def _check_continued(self, cache: Any, past: int) -> None:
+        """A call continuing a cache that already holds ``past`` tokens: it must be one this block filled."""
+        rec = record_of(cache)
+        if rec is not None and rec.run_id != self.run_id:
             raise RuntimeStateError(
-                "decoding step with a KV cache that was not filled inside this tokcomp.compress block; run "
-                "the prefill (the first generate() step) inside the same with block"
+                "the KV cache passed in was filled inside another tokcomp.compress block, which has ended: its "
+                "layers hold the tokens that block kept. Continue a compressed cache inside the with block "
+                "that filled it, or run the prompt again inside this one"
             )
+        if rec is None and self._first is not None:
+            raise RuntimeStateError(
+                f"the KV cache passed in already holds {past} tokens that were not computed inside this "
+                "tokcomp.compress block (it was filled outside any compress block, or by a block with an empty "
+                "schedule), so they are uncompressed and tokcomp has no record of them. Run the prompt inside "
+                "this with block (model(..., use_cache=True) or generate()), then continue its cache (or a "
+                "copy.deepcopy of it) here"
+            )
+
+    def _model_done(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        labels, self._labels = self._labels, None
+        if labels is None:
+            return None
+        logits = out["logits"] if not isinstance(out, tuple) else out[0]
+        compact = compact_labels(labels, self.kept_positions(self.adapter.num_layers - 1))
+        extra = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if kwargs.get(k) is not None}
+        vocab = module.config.get_text_config().vocab_size
+        loss = module.loss_function(logits=logits, labels=compact, vocab_size=vocab, **extra)
+        if isinstance(out, tuple):
+            return (loss, *out)
+        out["loss"] = loss
+        return out
 
     def _start_prefill(self, call: dict[str, Any], cache: Any) -> None:
         ids = call.get("input_ids")
@@ -391,42 +449,68 @@ class CompressionRun:
         st.slots_per_layer = [L] * self.adapter.num_layers
         self.num_prefills += 1
 
+    def _expanded(self, expansion: Expansion) -> None:
+        self._expansion = expansion
+
     def _lm_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        st = self._state
-        if st is None:
-            return None
         mask = kwargs.get("attention_mask")
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2) and self._first is not None:
             raise RuntimeStateError("tokcomp needs the 2-D attention mask; got a pre-built 4-D or dict mask")
-        st.mask2d = mask if isinstance(mask, torch.Tensor) else None
+        self._mask2d = mask if isinstance(mask, torch.Tensor) else None
         cache = cache_of(kwargs)
-        decode = cache is not None and st.cache is cache and st.index is not None
-        if not decode:
-            if self.vision.active:
-                self._follow_vision(kwargs)
+        rec = record_of(cache)
+        if rec is not None and stored_length(cache) > 0:
+            self._continue_lm(rec, cache, kwargs)
             return args, kwargs
-        if st.decode_shift is not None:
+        if self._state is None:
+            return None
+        if self.vision.active:
+            self._follow_vision(kwargs)
+        return args, kwargs
+
+    def _continue_lm(self, rec: CacheRecord, cache: Any, kwargs: dict) -> None:
+        """Language-model input of a call that continues a compressed cache (decoding, a new turn)."""
+        mask = self._mask2d
+        if rec.decode_shift is not None:
+            shift = rec.decode_shift
             pid = kwargs.get("position_ids")
-            if isinstance(pid, torch.Tensor) and pid.dim() == 3:
+            if pid is None:
+                # The language model would number the new tokens from the cache's (logical) length; number them
+                # from there, moved like the prompt was.
+                x = kwargs.get("inputs_embeds")
+                x = kwargs.get("input_ids") if x is None else x
+                past = cache.get_seq_length()
+                pid = torch.arange(past, past + x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+            if pid.dim() == 3:
                 pid = pid.clone()
-                pid[-3:] += st.decode_shift.to(pid.device)[None, :, None]
+                pid[-3:] += shift.to(pid.device)[None, :, None]
                 kwargs["position_ids"] = pid
-            elif isinstance(pid, torch.Tensor) and pid.dim() == 2:  # 1-D RoPE (LLaVA, InternVL, LLaVA-OV)
-                kwargs["position_ids"] = pid + st.decode_shift.to(pid.device, pid.dtype)[:, None]
-        if 0 in st.index_per_layer and isinstance(mask, torch.Tensor):
+            else:  # 1-D RoPE (LLaVA, InternVL, LLaVA-OV)
+                kwargs["position_ids"] = pid + shift.to(pid.device, pid.dtype)[:, None]
+        if 0 in rec.index and mask is not None:
             # Layer 0's cache is short too, so the model sizes its masks from the compressed length; hand it
             # the 2-D mask restricted to the slots layer 0 holds plus the new tokens.
-            extra = torch.arange(st.length, mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
-            rec = st.records[0]
-            idx = torch.cat([st.index_per_layer[0], extra], 1)
-            m = _gather(mask, idx, 1).bool() & torch.cat([rec.valid, torch.ones_like(extra, dtype=torch.bool)], 1)
-            kwargs["attention_mask"] = m.to(mask.dtype)
-        return args, kwargs
+            extra = torch.arange(rec.length, mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
+            idx = torch.cat([rec.index[0].to(mask.device), extra], 1)
+            valid = torch.cat([rec.layers[0].valid.to(mask.device), torch.ones_like(extra, dtype=torch.bool)], 1)
+            kwargs["attention_mask"] = (_gather(mask, idx, 1).bool() & valid).to(mask.dtype)
+
+    def _lm_done(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        """After a prefill: write the compression state onto the cache it filled (see `tokcomp.kvcache`)."""
+        st = self._state
+        if st is None or st.index is None or st.cache is None or record_of(st.cache) is not None:
+            return
+        layers = {i: LayerSlots(r.valid, r.bias) for i, r in st.records.items()}
+        attach(st.cache, CacheRecord(self.run_id, st.length, list(st.slots_per_layer), layers,
+                                     dict(st.index_per_layer), st.decode_shift))
 
     def _follow_vision(self, kwargs: dict) -> None:
         """Prefill after encoder/projector stages: which slots are real, the new layouts and positions."""
         st = self._state
         assert st is not None
+        if self.vision.pending:  # a new tower call: the expansion generate() made after it (if any) applies
+            self._reused_expansion, self._expansion = self._expansion, None
+        expansion = self._reused_expansion  # else the features are reused, expanded as before
         if not any(st.uncompressed_visual):
             return
         results = self.vision.take()
@@ -436,7 +520,11 @@ class CompressionRun:
                 "tokcomp.compress block (were the image features computed before it?); pass pixel values "
                 "to the model inside the with block"
             )
-        inp = self.adapter.llm_input(st.call, kwargs, results)
+        if expansion is not None:
+            inp = llm_input_expanded(lambda c, kw: self.adapter.llm_input(c, kw, results), st.call, kwargs,
+                                     expansion)
+        else:
+            inp = self.adapter.llm_input(st.call, kwargs, results)
         st.vision = results
         st.layouts = inp.layouts
         st.vis_rank = torch.full_like(st.vis_rank, -1)
@@ -450,16 +538,18 @@ class CompressionRun:
 
     def _layer_hook(self, i: int) -> Callable[..., tuple[tuple, dict]]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            hs = hidden_states_of(args, kwargs)
+            cache = cache_of(kwargs)
+            rec = record_of(cache)
+            if rec is not None and stored_length(cache, i) > 0:
+                kwargs = self._decode_kwargs(i, hs, kwargs, rec, cache)
+                return with_hidden_states(args, kwargs, hs)
             st = self._state
             if st is None:
                 return args, kwargs
-            hs = hidden_states_of(args, kwargs)
-            cache = cache_of(kwargs)
-            decode = cache is not None and st.cache is cache and cache.get_seq_length(i) > 0
-            if decode:
-                kwargs = self._decode_kwargs(i, hs, kwargs)
-            else:
-                hs, kwargs = self._prefill_layer(i, hs, kwargs)
+            if st.cache is None:
+                st.cache = cache  # created inside the model (a direct call with use_cache=True)
+            hs, kwargs = self._prefill_layer(i, hs, kwargs)
             return with_hidden_states(args, kwargs, hs)
 
         return hook
@@ -512,7 +602,7 @@ class CompressionRun:
             mask = self._prefill_mask(index, valid, bias, hs.dtype)
             st.mask_cache = (index, st.sizes, valid, bias, mask)
         kwargs["attention_mask"] = mask
-        st.records[i] = _LayerRecord(valid, bias)
+        st.records[i] = LayerSlots(valid, bias)
         st.index_per_layer[i] = index
         st.slots_per_layer[i] = index.shape[1]
         isvis = (st.vis_rank.gather(1, index.clamp(min=0)) >= 0) & (index >= 0)
@@ -762,27 +852,28 @@ class CompressionRun:
         return Projections(q[0], k[0], qr[0], kr[0], rank_b[sel] >= 0, x[0], scaling, self._sequence_index(b, idx))
 
     # -- decode --------------------------------------------------------------------------------------
-    def _decode_kwargs(self, i: int, hs: torch.Tensor, kwargs: dict) -> dict:
-        st = self._state
-        assert st is not None
-        rec = st.records.get(i)
+    def _decode_kwargs(self, i: int, hs: torch.Tensor, kwargs: dict, record: CacheRecord, cache: Any) -> dict:
+        """Layer ``i``'s mask for new tokens over the compressed cache: the prefill's valid slots (with their
+        bias), then every later token, causal among the new ones."""
+        rec = record.layers.get(i)
         if rec is None:  # this layer saw no removal in prefill: the model's own mask is right
             return kwargs
         q = hs.shape[1]
-        cache = cache_of(kwargs)
         S = rec.valid.shape[1]
-        t_prev = cache.get_seq_length(i) - S
+        t_prev = stored_length(cache, i) - S
         B = rec.valid.shape[0]
-        m2 = st.mask2d
+        m2 = self._mask2d
         if m2 is not None:
-            appended = m2[:, st.length:].bool()
+            appended = m2[:, record.length:].bool()
             if appended.shape[1] != t_prev + q:
                 raise RuntimeStateError(
                     f"layer {i}: the attention mask has {m2.shape[1]} columns, expected "
-                    f"{st.length + t_prev + q} (prompt {st.length} + {t_prev} generated + {q} new)"
+                    f"{record.length + t_prev + q} (prompt {record.length} + {t_prev} generated + {q} new): "
+                    "pass the 2-D attention mask of the whole conversation (prompt, generated and new tokens)"
                 )
         else:
             appended = torch.ones(B, t_prev + q, dtype=torch.bool, device=hs.device)
+        rec = LayerSlots(rec.valid.to(hs.device), None if rec.bias is None else rec.bias.to(hs.device))
         impl = self.adapter.attn_implementation
         key_valid = torch.cat([rec.valid, appended], 1)
         if impl.startswith("flash"):
