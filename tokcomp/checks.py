@@ -168,10 +168,10 @@ def checked_reduce(label: str, strategy: Any, tokens: VisualTokens) -> VisualTok
                     f"{tuple(fr.pos.shape)}; every token needs a size and a position"
                 )
             if int(fr.owner.numel()) != owners[j][f] or (
-                fr.owner.numel() and (int(fr.owner.min()) < 0 or int(fr.owner.max()) >= n)
+                fr.owner.numel() and (int(fr.owner.min()) < -1 or int(fr.owner.max()) >= n)
             ):
                 raise StrategyOutputError(
                     f"{where}: item {j} frame {f}: owner must map each of the {owners[j][f]} original patches to "
-                    f"one of the {n} output tokens (0..{n - 1})"
+                    f"one of the {n} output tokens (0..{n - 1}), or to -1 for a patch whose token was removed"
                 )
     return out
