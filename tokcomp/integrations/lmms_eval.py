@@ -16,16 +16,12 @@ process loads one model on its own device and lmms-eval shards the requests (dat
 
 from __future__ import annotations
 
+import importlib
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from lmms_eval import utils as lmms_utils
-from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
-from lmms_eval.api.model import lmms
-from lmms_eval.models.model_utils.gen_metrics import log_metrics
-from lmms_eval.protocol import ChatMessages
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 from typing_extensions import Self
@@ -34,6 +30,19 @@ import tokcomp as tc
 from tokcomp.flops import model_shapes
 from tokcomp.integrations.processors import load_processor
 from tokcomp.schedule import Schedule
+
+try:  # the lmms-eval extra; without it the module still imports (for the API reference) but cannot run
+    from accelerate import Accelerator
+    from lmms_eval import utils as lmms_utils
+    from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+    from lmms_eval.api.model import lmms as _LmmsBase
+    from lmms_eval.models.model_utils.gen_metrics import log_metrics
+    from lmms_eval.protocol import ChatMessages
+except ImportError as _exc:
+    _IMPORT_ERROR: ImportError | None = _exc
+    _LmmsBase = object  # type: ignore[assignment,misc]
+else:
+    _IMPORT_ERROR = None
 
 __all__ = ["METRIC_PREFIX", "TokcompModel", "schedule_from_arg"]
 
@@ -60,12 +69,29 @@ def schedule_from_arg(spec: Any) -> Schedule:
     """
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
         return Schedule([])
-    from tokcomp.bench import load_schedule
+    spec = str(spec)
+    if spec in tc.registry.presets():
+        return Schedule.preset(spec)
+    if spec.endswith(".json") or Path(spec).is_file():
+        if not Path(spec).is_file():
+            raise ValueError(f"schedule file {spec} does not exist")
+        return Schedule.from_file(spec)
+    if ":" in spec:
+        module_name, attr = spec.split(":", 1)
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        obj = obj() if callable(obj) and not isinstance(obj, Schedule) else obj
+        if not isinstance(obj, Schedule):
+            raise ValueError(f"schedule {spec!r} gives a {type(obj).__name__}, not a tokcomp.Schedule")
+        return obj
+    raise ValueError(
+        f"unknown schedule {spec!r}: use none, a preset ({', '.join(sorted(tc.registry.presets()))}), "
+        "a JSON schedule file, or 'module:attr'"
+    )
 
-    return load_schedule(str(spec))
 
-
-class TokcompModel(lmms):
+class TokcompModel(_LmmsBase):
     """lmms-eval chat model: a ``transformers`` VLM checkpoint generating under a tokcomp schedule.
 
     Model arguments (``--model_args key=value,...``) are the constructor's. Requests are batched
@@ -104,6 +130,7 @@ class TokcompModel(lmms):
             and ignored.
 
     Raises:
+        ImportError: lmms-eval (the ``lmms-eval`` extra) is not installed.
         TypeError: An unknown model argument.
         ValueError: A bad ``dtype``, ``schedule`` or ``batch_size``.
         tokcomp.UnsupportedModelError: No tokcomp adapter supports the checkpoint's model class.
@@ -128,6 +155,11 @@ class TokcompModel(lmms):
         allow_untested_transformers: bool = False,
         **kwargs: Any,
     ) -> None:
+        if _IMPORT_ERROR is not None:
+            raise ImportError(
+                "the tokcomp lmms-eval model needs the lmms-eval extra: "
+                "pip install -e '.[lmms-eval]' && pip install --no-deps lmms-eval==0.7.3"
+            ) from _IMPORT_ERROR
         super().__init__()
         kwargs.pop("max_batch_size", None)
         if kwargs:

@@ -65,7 +65,9 @@ def load_processor(path: str | os.PathLike[str], **kwargs: Any) -> ProcessorMixi
     except Exception:
         if is_torchvision_available():
             raise
-        cls = _processor_class(path, **kwargs)
+        cls = None
+        with contextlib.suppress(Exception):  # unreadable folder: the original error says it best
+            cls = _processor_class(path, **kwargs)
         if cls is None or "video_processor" not in cls.get_attributes():
             raise
     return _without_video(cls, path, **kwargs)
