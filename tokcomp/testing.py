@@ -938,6 +938,9 @@ def tiny_model(
 # ---------------------------------------------------------------------------------------------------------
 # Saved folders, for code that loads with from_pretrained
 # ---------------------------------------------------------------------------------------------------------
+__all__ += ["save_tiny_pretrained", "tiny_chat_template"]
+
+
 def tiny_chat_template(arch: str) -> str:
     """A chat template for the tiny tokenizer of ``arch``, in the message format of the real ones.
 
