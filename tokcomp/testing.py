@@ -946,12 +946,12 @@ def tiny_chat_template(arch: str) -> str:
 
     It renders ``[{"role": ..., "content": [{"type": "image"}, {"type": "text", "text": ...}]}]`` (or a
     plain string as content) as ``"w0 w1"`` followed by the turns' parts in order: each image as the
-    architecture's placeholder (what :func:`tiny_inputs` writes), each video as the video placeholder and
+    architecture's placeholder (what `tiny_inputs` writes), each video as the video placeholder and
     each text as is; ``add_generation_prompt`` appends ``"w2"``. The real templates' role markers
     (``<|im_start|>``, ``USER:``) are not in the tiny vocabulary, so they are left out.
 
     Args:
-        arch: One of :data:`ARCHITECTURES`.
+        arch: One of `ARCHITECTURES`.
 
     Returns:
         A Jinja template string for ``processor.chat_template``.
@@ -984,14 +984,14 @@ def save_tiny_pretrained(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> Any:
-    """Saves :func:`tiny_model` and its processor into ``folder`` with ``save_pretrained``.
+    """Saves `tiny_model` and its processor into ``folder`` with ``save_pretrained``.
 
     The folder then loads as a real checkpoint does: ``AutoConfig``/``AutoModelForImageTextToText`` (or the
     model class) ``.from_pretrained(folder)``, ``AutoTokenizer`` and ``AutoImageProcessor``, and, for
     ``llava``, ``AutoProcessor``. It holds ``config.json``, ``generation_config.json``,
     ``model.safetensors``, the tokenizer files, ``processor_config.json`` (the processor's settings with
     the image processor nested, as ``ProcessorMixin.save_pretrained`` writes it) and
-    ``chat_template.jinja`` (:func:`tiny_chat_template`). The image processor is recorded under the name
+    ``chat_template.jinja`` (`tiny_chat_template`). The image processor is recorded under the name
     real checkpoints carry (``Qwen2VLImageProcessor``, not ``...Pil``), so ``AutoImageProcessor`` picks
     the backend the installed libraries allow, as it does for a downloaded checkpoint.
 
@@ -1001,10 +1001,10 @@ def save_tiny_pretrained(
     `tokcomp.integrations.processors.load_processor`.
 
     Args:
-        arch: One of :data:`ARCHITECTURES`.
+        arch: One of `ARCHITECTURES`.
         folder: Directory to write (created if missing).
-        num_hidden_layers: LLM depth (:func:`tiny_model`).
-        seed: Weight seed (:func:`tiny_model`).
+        num_hidden_layers: LLM depth (`tiny_model`).
+        seed: Weight seed (`tiny_model`).
         dtype: Dtype the weights are saved in.
 
     Returns:

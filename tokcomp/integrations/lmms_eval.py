@@ -1,10 +1,8 @@
 """An lmms-eval chat model that runs a checkpoint under a tokcomp schedule (``--model tokcomp``).
 
 Installed with the ``lmms-eval`` extra and registered through lmms-eval's ``lmms_eval.models`` entry
-point (`tokcomp.integrations.lmms_eval_manifest`), so after installing it reads::
-
-    lmms-eval eval --model tokcomp --model_args pretrained=Qwen/Qwen2-VL-2B-Instruct,schedule=luvc \\
-        --tasks mme --batch_size 8 --output_path results/
+point (`tokcomp.integrations.lmms_eval_manifest`); the docs page "Evaluating with lmms-eval" has the
+install and launch commands.
 
 `TokcompModel` loads the checkpoint with ``from_pretrained`` (``AutoModelForImageTextToText``; the
 processor with `tokcomp.integrations.processors.load_processor`), renders each request's messages with
@@ -12,6 +10,13 @@ the processor's chat template (a plain prompt when it has none), and runs its ow
 ``generate()`` inside ``tokcomp.compress(model, schedule)``. What tokcomp measured is written into
 lmms-eval's results (``results["throughput"]``, see `TokcompModel`). Under ``accelerate launch`` each
 process loads one model on its own device and lmms-eval shards the requests (data parallelism).
+
+Examples:
+    ```bash
+    lmms-eval eval --model tokcomp \\
+        --model_args pretrained=Qwen/Qwen2-VL-2B-Instruct,schedule=luvc,dtype=bfloat16 \\
+        --tasks mme --batch_size 8 --output_path results/
+    ```
 """
 
 from __future__ import annotations
