@@ -996,9 +996,9 @@ def save_tiny_pretrained(
     the backend the installed libraries allow, as it does for a downloaded checkpoint.
 
     The processors of ``qwen2_vl``, ``qwen2_5_vl``, ``llava_onevision`` and ``internvl`` own a video
-    processor, which needs torchvision; none is saved. Without torchvision ``AutoProcessor`` fails on such a
-    folder exactly as on a real checkpoint: load it with
-    `tokcomp.integrations.processors.load_processor`.
+    processor, which needs torchvision; none is saved. ``AutoProcessor`` then fails on such a folder in the
+    video processor, as it does on a real checkpoint without torchvision: load it with
+    `tokcomp.integrations.processors.load_processor` (which warns when torchvision is installed).
 
     Args:
         arch: One of `ARCHITECTURES`.

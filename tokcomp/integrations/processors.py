@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from functools import cache
 from typing import Any
 
@@ -30,9 +31,11 @@ class VideoProcessorUnavailableError(RuntimeError):
 def load_processor(path: str | os.PathLike[str], **kwargs: Any) -> ProcessorMixin:
     """The processor of the checkpoint at ``path`` (a local folder or a hub id), for images and text.
 
-    With torchvision installed, or for a processor without a video processor (LLaVA-1.5's
-    ``LlavaProcessor``), this is exactly ``AutoProcessor.from_pretrained(path, **kwargs)``. Without
-    torchvision, where that call fails in the video processor, the processor class named by the folder
+    Wherever it works (torchvision installed, or a processor without a video processor such as
+    LLaVA-1.5's ``LlavaProcessor``) this is exactly ``AutoProcessor.from_pretrained(path, **kwargs)``.
+    Where that call fails in the video processor (no torchvision, or, with a warning, a checkpoint without a
+    video processor config such as `tokcomp.testing.save_tiny_pretrained` writes), the processor class
+    named by the folder
     (``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``, ``LlavaOnevisionProcessor``, ``InternVLProcessor``, ...)
     is built from ``AutoTokenizer`` + ``AutoImageProcessor`` (which picks the ``*ImageProcessorPil``
     class) and the folder's processor settings and chat template, with no video processor. The result is
@@ -50,7 +53,7 @@ def load_processor(path: str | os.PathLike[str], **kwargs: Any) -> ProcessorMixi
 
     Raises:
         Exception: Whatever ``AutoProcessor.from_pretrained`` raised, when the failure is not the missing
-            video processor (with torchvision installed, or for a processor without one).
+            video processor.
 
     Examples:
         ```python
@@ -62,14 +65,21 @@ def load_processor(path: str | os.PathLike[str], **kwargs: Any) -> ProcessorMixi
     """
     try:
         return AutoProcessor.from_pretrained(path, **kwargs)
-    except Exception:
-        if is_torchvision_available():
+    except Exception as exc:
+        # With torchvision the only failure worked around is a checkpoint that has no video processor
+        # config (as folders saved without torchvision); anything else is the library's error to report.
+        if is_torchvision_available() and "video processor" not in str(exc):
             raise
         cls = None
         with contextlib.suppress(Exception):  # unreadable folder: the original error says it best
             cls = _processor_class(path, **kwargs)
         if cls is None or "video_processor" not in cls.get_attributes():
             raise
+        if is_torchvision_available():
+            warnings.warn(
+                f"{path}: no video processor could be loaded ({exc}); loading {cls.__name__} for images only",
+                stacklevel=2,
+            )
     return _without_video(cls, path, **kwargs)
 
 
@@ -126,8 +136,9 @@ def _video_free_subclass(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
 
     def _process_videos(self: ProcessorMixin, *args: Any, **kw: Any) -> Any:
         raise VideoProcessorUnavailableError(
-            f"this {cls.__name__} was loaded without its video processor because torchvision is not "
-            "installed; video inputs need torchvision (a build matching your torch), images work as is"
+            f"this {cls.__name__} was loaded without its video processor (torchvision is not installed, or "
+            "the checkpoint has no video processor config); video inputs need torchvision (a build matching "
+            "your torch) and the checkpoint's video processor; images work as is"
         )
 
     namespace: dict[str, Any] = {
