@@ -1037,3 +1037,117 @@ def tiny_model(
     model.generation_config.bos_token_id = _BOS_ID
     model.generation_config.eos_token_id = _EOS_ID
     return model.to(dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saved folders, for code that loads with from_pretrained
+# ---------------------------------------------------------------------------------------------------------
+__all__ += ["save_tiny_pretrained", "tiny_chat_template"]
+
+
+def tiny_chat_template(arch: str) -> str:
+    """A chat template for the tiny tokenizer of ``arch``, in the message format of the real ones.
+
+    It renders ``[{"role": ..., "content": [{"type": "image"}, {"type": "text", "text": ...}]}]`` (or a
+    plain string as content) as ``"w0 w1"`` followed by the turns' parts in order: each image as the
+    architecture's placeholder (what `tiny_inputs` writes), each video as the video placeholder and
+    each text as is; ``add_generation_prompt`` appends ``"w2"``. The real templates' role markers
+    (``<|im_start|>``, ``USER:``) are not in the tiny vocabulary, so they are left out.
+
+    Args:
+        arch: One of `ARCHITECTURES`.
+
+    Returns:
+        A Jinja template string for ``processor.chat_template``.
+
+    Raises:
+        ValueError: If ``arch`` is unknown.
+    """
+    _check_arch(arch)
+    image = _IMAGE_PROMPT[arch]
+    video = _VIDEO_PROMPT.get(arch, "")
+    # Spaces are emitted as expressions: the whitespace-control dashes would strip literal ones.
+    return (
+        _PROMPT_PREFIX
+        + "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{{ ' ' ~ message['content'] }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        f"{{%- if part['type'] == 'image' -%}}{{{{ ' {image}' }}}}"
+        f"{{%- elif part['type'] == 'video' -%}}{{{{ ' {video}' }}}}"
+        "{%- elif part['type'] == 'text' -%}{{ ' ' ~ part['text'] }}"
+        "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ ' w2' }}{%- endif -%}"
+    )
+
+
+def save_tiny_pretrained(
+    arch: str,
+    folder: str | Any,
+    *,
+    num_hidden_layers: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """Saves `tiny_model` and its processor into ``folder`` with ``save_pretrained``.
+
+    The folder then loads as a real checkpoint does: ``AutoConfig``/``AutoModelForImageTextToText`` (or the
+    model class) ``.from_pretrained(folder)``, ``AutoTokenizer`` and ``AutoImageProcessor``, and, for
+    ``llava``, ``AutoProcessor``. It holds ``config.json``, ``generation_config.json``,
+    ``model.safetensors``, the tokenizer files, ``processor_config.json`` (the processor's settings with
+    the image processor nested, as ``ProcessorMixin.save_pretrained`` writes it) and
+    ``chat_template.jinja`` (`tiny_chat_template`). The image processor is recorded under the name
+    real checkpoints carry (``Qwen2VLImageProcessor``, not ``...Pil``), so ``AutoImageProcessor`` picks
+    the backend the installed libraries allow, as it does for a downloaded checkpoint.
+
+    The processors of ``qwen2_vl``, ``qwen2_5_vl``, ``llava_onevision`` and ``internvl`` own a video
+    processor, which needs torchvision; none is saved. ``AutoProcessor`` then fails on such a folder in the
+    video processor, as it does on a real checkpoint without torchvision: load it with
+    `tokcomp.integrations.processors.load_processor` (which warns when torchvision is installed).
+
+    Args:
+        arch: One of `ARCHITECTURES`.
+        folder: Directory to write (created if missing).
+        num_hidden_layers: LLM depth (`tiny_model`).
+        seed: Weight seed (`tiny_model`).
+        dtype: Dtype the weights are saved in.
+
+    Returns:
+        ``folder`` as a ``pathlib.Path``.
+
+    Raises:
+        ValueError: If ``arch`` is unknown.
+
+    Examples:
+        ```python
+        import tempfile
+        from transformers import AutoModelForImageTextToText
+        from tokcomp.testing import save_tiny_pretrained
+
+        path = save_tiny_pretrained("llava", tempfile.mkdtemp())
+        model = AutoModelForImageTextToText.from_pretrained(path)
+        ```
+    """
+    import json
+    from pathlib import Path
+
+    _check_arch(arch)
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    model = tiny_model(arch, num_hidden_layers=num_hidden_layers, seed=seed, dtype=dtype)
+    model.save_pretrained(path)
+    processor = tiny_processor(arch)
+    template = tiny_chat_template(arch)
+    # The library's processor class, not the private torchvision-free subclass tiny_processor returns.
+    library_cls = next(c for c in type(processor).__mro__ if c.__module__.startswith("transformers."))
+    processor.tokenizer._set_processor_class(library_cls.__name__)
+    processor.tokenizer.save_pretrained(path)
+    settings = processor.to_dict()
+    settings.pop("video_processor", None)
+    settings["processor_class"] = library_cls.__name__
+    image_settings = settings.get("image_processor")
+    if isinstance(image_settings, dict):
+        name = image_settings.get("image_processor_type", "")
+        image_settings["image_processor_type"] = name.removesuffix("Pil")
+    (path / "processor_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    (path / "chat_template.jinja").write_text(template)
+    return path
