@@ -159,8 +159,9 @@ def regroup(x: torch.Tensor, owner_from: torch.Tensor, owner_to: torch.Tensor, n
 
     Args:
         x: ``(n_from, D)`` features of the first partition's tokens.
-        owner_from: ``(n_orig,)`` long, the token of the first partition holding each original patch.
-        owner_to: ``(n_orig,)`` long, the token of the second partition holding it.
+        owner_from: ``(n_orig,)`` long, the token of the first partition holding each original patch
+            (``-1`` where that token was pruned).
+        owner_to: ``(n_orig,)`` long, the token of the second partition holding it (``-1``: pruned).
         n_to: Tokens of the second partition.
 
     Returns:
@@ -172,6 +173,8 @@ def regroup(x: torch.Tensor, owner_from: torch.Tensor, owner_to: torch.Tensor, n
         >>> regroup(x, torch.tensor([0, 1, 2, 2]), torch.tensor([0, 0, 0, 1]), 2).flatten().tolist()
         [3.0, 5.0]
     """
+    held = (owner_from >= 0) & (owner_to >= 0)  # -1: the patch's token was pruned (FrameGrid.subset)
+    owner_from, owner_to = owner_from[held], owner_to[held]
     vals = x.float()[owner_from]
     out = torch.zeros(n_to, x.shape[-1], device=x.device).index_add_(0, owner_to, vals)
     count = torch.zeros(n_to, device=x.device).index_add_(0, owner_to, torch.ones_like(owner_to, dtype=torch.float))
