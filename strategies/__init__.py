@@ -1,8 +1,10 @@
 """tokcomp's built-in strategies (one module per method), registered through the ``tokcomp`` entry point.
 
-Import a strategy class from here to use it in a schedule::
+Import a strategy class from here to use it in a schedule:
 
-    from tokcomp.strategies import SPU, OIM, ToMe, Downsample, FastV, VTW, RandomPrune, DivPrune, CDPruner, DART
+```python
+from tokcomp.strategies import SPU, OIM, ToMe, Downsample, FastV, VTW, RandomPrune, DivPrune, CDPruner, DART
+```
 """
 
 from __future__ import annotations

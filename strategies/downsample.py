@@ -1,11 +1,11 @@
 """Plain 2-D average pooling of a token grid: the spatial-downsampling baseline.
 
-Uses the grid representation of :mod:`tokcomp.strategies.oim` (``x`` ``(h, w, c)``, ``size`` ``(h, w)``,
+Uses the grid representation of `tokcomp.strategies.oim` (``x`` ``(h, w, c)``, ``size`` ``(h, w)``,
 ``pos`` ``(h, w, 2)``, ``owner`` ``(n_orig,)``).
 
 Bins: output row ``i`` of ``out_h`` covers the input rows ``floor(i * h / out_h) <= row < floor((i + 1) * h /
 out_h)``, and likewise for columns. When ``out_h`` divides ``h`` this is exactly
-:func:`torch.nn.functional.adaptive_avg_pool2d`. Otherwise adaptive pooling ends bin ``i`` at
+`torch.nn.functional.adaptive_avg_pool2d`. Otherwise adaptive pooling ends bin ``i`` at
 ``ceil((i + 1) * h / out_h)``, so neighbouring bins share a row; this module uses the floor boundary instead so
 that the bins partition the grid: each input token, and so each original patch, belongs to one output token.
 """

@@ -3,7 +3,7 @@
 These functions implement the section "OIM as implemented" of the LUVC specification. They are
 model-agnostic: an adapter hands over one image (or video frame) as a grid and gets a smaller grid back.
 
-Grid representation (shared with :mod:`tokcomp.strategies.downsample`):
+Grid representation (shared with `tokcomp.strategies.downsample`):
 
 * ``x`` ``(h, w, c)``: hidden states, any floating dtype.
 * ``size`` ``(h, w)`` float: number of original patches each token stands for (starts at 1).
@@ -404,7 +404,7 @@ def oim_merge_pairs(
     For ``axis="width"`` each row is treated on its own (for ``"height"``, each column): its tokens are split
     by alternation into A (even position) and B (odd); each A token is matched to its more similar adjacent
     B token (cosine of ``metric``; ties: the right/lower one) and the ``r`` A tokens with the most similar
-    match (ties: the lower index) are merged into it, size-weighted as in :func:`oim_merge_lines`. Several A
+    match (ties: the lower index) are merged into it, size-weighted as in `oim_merge_lines`. Several A
     tokens may merge into the same B token. Every row loses exactly ``r`` tokens, so the grid stays
     rectangular, ``h × (w − r)``, although merged tokens of different rows no longer share a column.
 

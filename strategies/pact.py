@@ -2,12 +2,12 @@
 
 PACT reduces the visual tokens once, on the input of one decoder layer ``L`` (default 4), in two steps:
 
-1. **EUTI** (:func:`euti_scores`, :func:`euti_select`) prunes the least important visual tokens. The importance
+1. **EUTI** (`euti_scores`, `euti_select`) prunes the least important visual tokens. The importance
    of a token is the attention it receives from one global query per head (the mean query over the non-text
    prefix), computed with layer ``L``'s own pre-RoPE projections, times the L2 norm of its hidden state.
-2. **DBDPC** (:func:`dbdpc`) clusters the kept visual tokens by the cosine distance of their post-RoPE keys;
-   :func:`retrieve_pruned` lets the pruned tokens that lie close to a cluster centre rejoin that cluster, and
-   :func:`merge_clusters` replaces each cluster by the plain mean of its members, written at the centre's slot.
+2. **DBDPC** (`dbdpc`) clusters the kept visual tokens by the cosine distance of their post-RoPE keys;
+   `retrieve_pruned` lets the pruned tokens that lie close to a cluster centre rejoin that cluster, and
+   `merge_clusters` replaces each cluster by the plain mean of its members, written at the centre's slot.
 
 Everything here works on one sample, is model-agnostic and runs on whatever device its inputs are on.
 Sequence surgery, positions and the proportional-attention bias ``log(size)`` are the caller's job.
@@ -20,7 +20,7 @@ Deliberate deviations from the reference implementation (orailix/PACT), all of t
   ranks with a non-stable ``argsort``, so exactly equal densities may be ordered arbitrarily.
 * Rows that are exactly equal after normalisation are at distance exactly 0 from each other, so duplicates
   always merge, even with ``cutoff = 0``; a plain ``1 - x̂·x̂`` can leave a rounding residue there.
-* :func:`merge_clusters` accumulates the member sums in float32 (the reference uses ``index_add_`` in the
+* `merge_clusters` accumulates the member sums in float32 (the reference uses ``index_add_`` in the
   hidden dtype), then casts the means back to the hidden dtype.
 """
 
@@ -129,7 +129,7 @@ def euti_scores(q: Tensor, k: Tensor, hidden: Tensor, not_text: Tensor, visual: 
             ``H // H_kv`` consecutive query heads (the layout of ``repeat_kv``/``repeat_interleave``).
         hidden: Residual-stream hidden states entering layer L, before its input norm, ``(N, D)``.
         not_text: Bool ``(N,)``, the positions that form the global query and the softmax support
-            (see :func:`non_text_mask`).
+            (see `non_text_mask`).
         visual: Bool ``(N,)``, the visual positions; must be a subset of ``not_text``.
 
     Returns:
@@ -181,7 +181,7 @@ def euti_select(scores: Tensor, n_keep: int) -> Tensor:
     order, where ``thr`` is the ``n_keep``-th largest score) written as a stable top-k.
 
     Args:
-        scores: 1-D scores, e.g. from :func:`euti_scores`. Must not contain NaN.
+        scores: 1-D scores, e.g. from `euti_scores`. Must not contain NaN.
         n_keep: How many to keep, ``>= 0``; values ``>= len(scores)`` keep everything. ``0`` (when
             ``int(N * λ)`` truncates to 0) keeps what the reference keeps: every token scored above the
             minimum, i.e. all but the lowest-scored ones.
@@ -261,7 +261,7 @@ def dbdpc(x: Tensor, cutoff: float, density_dc: float = 2.0) -> tuple[Tensor, Te
 
     Steps:
 
-    1. cosine distances ``D`` (see :func:`cosine_distances`), computed in float32 on purpose: the reference
+    1. cosine distances ``D`` (see `cosine_distances`), computed in float32 on purpose: the reference
        runs in the model dtype (bf16), whose coarse rounding changes which points count as neighbours;
     2. density ``ρ_i = Σ_j exp(−(D_ij / density_dc)²)``, replaced by its rank. The rank is made deterministic:
        equal densities are ordered by ascending index (the lower index counts as denser). This is where we
@@ -328,12 +328,12 @@ def retrieve_pruned(
 ) -> Tensor:
     """Let EUTI-pruned tokens rejoin the nearest DBDPC cluster when it is close enough (spec §3.3 step 4).
 
-    Distances are cosine distances in float32 (see :func:`cosine_distances`).
+    Distances are cosine distances in float32 (see `cosine_distances`).
 
     Args:
         pruned_x: ``(m, c)`` post-RoPE keys of the pruned visual tokens.
         centre_x: ``(k, c)`` the same vectors for the centres, in the order of ``centres``.
-        centres: LongTensor ``(k,)`` of centre indices into the kept set (as returned by :func:`dbdpc`).
+        centres: LongTensor ``(k,)`` of centre indices into the kept set (as returned by `dbdpc`).
         cutoff: The DBDPC cutoff ``d_c >= 0``.
         alpha: Retrieval radius factor (``coef_pruned``), ``>= 0``: a pruned token is retrieved iff its
             nearest centre is at distance ``<= alpha * cutoff``.
@@ -384,7 +384,7 @@ def merge_clusters(
         centres: Sorted LongTensor ``(k,)`` of distinct centre indices; every centre must be labelled with
             itself.
         pruned_hidden: Optional ``(m, D)`` hidden states of the pruned tokens.
-        pruned_labels: Optional LongTensor ``(m,)`` from :func:`retrieve_pruned` (−1: not retrieved). Must be
+        pruned_labels: Optional LongTensor ``(m,)`` from `retrieve_pruned` (−1: not retrieved). Must be
             given together with ``pruned_hidden``.
 
     Returns:

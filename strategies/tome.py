@@ -10,11 +10,11 @@ Rules chosen where the specification is silent:
 
 * Ties in similarity are broken by a stable sort, i.e. in favour of the lower A index (the reference uses an
   unstable sort, whose order on exact ties is unspecified).
-* Cosine similarity uses :func:`torch.nn.functional.normalize`, which equals division by the norm except
+* Cosine similarity uses `torch.nn.functional.normalize`, which equals division by the norm except
   for zero vectors, which get similarity 0 instead of NaN.
 * ``unmerge`` also inverts the distill-token order, so ``unmerge(merge(x))`` is in the original layout
   whatever the flags.
-* :func:`parse_r` rejects a list longer than the number of layers and an ``inflect`` outside ``[-1, 1]``,
+* `parse_r` rejects a list longer than the number of layers and an ``inflect`` outside ``[-1, 1]``,
   and accepts one layer with ``(r, inflect)`` (the reference would divide by zero).
 """
 
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 Reduce = Literal["mean", "sum", "amax", "amin", "prod"]
-"""Reductions ``merge`` accepts: the ``reduce`` argument of :meth:`torch.Tensor.scatter_reduce`."""
+"""Reductions ``merge`` accepts: the ``reduce`` argument of `torch.Tensor.scatter_reduce`."""
 
 MergeFn = Callable[..., Tensor]
 """``merge(x, mode="mean")`` maps ``(B, T, C)`` to ``(B, T - r, C)``; ``unmerge(x)`` maps it back."""
@@ -138,7 +138,7 @@ def merge_wavg(merge: MergeFn, x: Tensor, size: Tensor | None = None) -> tuple[T
     """Size-weighted merge: each merged token is the mean of the original patches it covers.
 
     Args:
-        merge: The ``merge`` function of :func:`bipartite_soft_matching`.
+        merge: The ``merge`` function of `bipartite_soft_matching`.
         x: ``(B, T, C)`` tokens.
         size: ``(B, T, 1)`` patches per token, or ``None`` for all ones (first merge).
 
@@ -156,7 +156,7 @@ def merge_source(merge: MergeFn, x: Tensor, source: Tensor | None = None) -> Ten
     """Track which original patches each current token covers.
 
     Args:
-        merge: The ``merge`` function of :func:`bipartite_soft_matching`.
+        merge: The ``merge`` function of `bipartite_soft_matching`.
         x: ``(B, T, C)`` tokens before this merge; used for shape, device and dtype when ``source`` is None.
         source: ``(B, T, T_orig)`` 0/1 map of the previous merges, or ``None`` before the first merge.
 
@@ -228,7 +228,7 @@ def proportional_attention_bias(size: Tensor, dtype: torch.dtype | None = None) 
 
     Returns:
         ``(B, 1, 1, T)`` bias, broadcastable to attention logits ``(B, heads, queries, T)``; usable as an
-        additive ``attn_mask`` of :func:`torch.nn.functional.scaled_dot_product_attention`.
+        additive ``attn_mask`` of `torch.nn.functional.scaled_dot_product_attention`.
     """
     if size.ndim == 3:
         size = size[..., 0]

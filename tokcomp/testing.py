@@ -9,14 +9,15 @@ built in code and the real processor classes. Nothing is downloaded, and nothing
 the processors use the PIL image processors (``*ImageProcessorPil``), and video inputs are built here
 from those image processors instead of the torchvision-only video processors.
 
-Typical use::
-
+Examples:
+    ```python
     from tokcomp.testing import tiny_model, tiny_inputs, batch_item
 
     model = tiny_model("qwen2_vl")
     inputs = tiny_inputs("qwen2_vl")            # 2 samples, 2 images of different sizes, left padding
     out = model.generate(**inputs, max_new_tokens=3)
     first = batch_item(inputs, 0)               # sample 0 alone, without padding
+    ```
 
 All architectures share one vocabulary layout (256 ids): ``<unk> <pad> <s> </s>`` at 0–3, the
 architecture's special tokens at 4–11 (the image placeholder is always id 4 and the video placeholder
@@ -229,7 +230,7 @@ def tiny_config(
     """Builds the real ``transformers`` config of ``arch`` at toy size.
 
     All architectures share the LLM shape: hidden 64, 4 attention heads and 2 key/value heads (GQA, head
-    dim 16), MLP 128, vocabulary 256 (see :func:`tiny_tokenizer` for the ids). Vision towers are 32 wide
+    dim 16), MLP 128, vocabulary 256 (see `tiny_tokenizer` for the ids). Vision towers are 32 wide
     with 2 heads:
 
     - ``qwen2_vl``: ``Qwen2VLConfig``; ViT depth 2, patch 14, temporal patch 2, spatial merge 2;
@@ -247,13 +248,13 @@ def tiny_config(
       ``vision_feature_select_strategy="default"`` (CLS dropped), Llama LLM.
 
     Args:
-        arch: One of :data:`ARCHITECTURES`.
+        arch: One of `ARCHITECTURES`.
         num_hidden_layers: Number of LLM decoder layers.
         attn_implementation: Attention backend for every sub-model (``"sdpa"`` or ``"eager"``).
 
     Returns:
         The composite config (e.g. ``Qwen2VLConfig``) with ``image_token_id`` (and ``video_token_id``
-        where the architecture has one) matching :func:`tiny_tokenizer`.
+        where the architecture has one) matching `tiny_tokenizer`.
 
     Raises:
         ValueError: If ``arch`` is unknown.
@@ -412,13 +413,13 @@ def tiny_tokenizer(arch: str) -> PreTrainedTokenizerFast:
     Slot 4 is the image placeholder (``<|image_pad|>``, ``<image>`` or InternVL's ``<IMG_CONTEXT>``),
     slot 5 the video placeholder (``<|video_pad|>`` or ``<video>``), slots 6/7 the Qwen
     ``<|vision_start|>``/``<|vision_end|>`` or InternVL ``<img>``/``</img>`` tokens; unused slots hold
-    ``<|reserved_k|>``. The ids match :func:`tiny_config`'s ``image_token_id`` etc. Special tokens are
+    ``<|reserved_k|>``. The ids match `tiny_config`'s ``image_token_id`` etc. Special tokens are
     registered as added tokens (so runs like ``<image><image>`` split without spaces) and as named
     attributes (``tokenizer.image_token``, ``tokenizer.image_token_id``, ...) because that is where the
     processors look for them. No BOS/EOS is added when encoding; padding defaults to the left.
 
     Args:
-        arch: One of :data:`ARCHITECTURES`.
+        arch: One of `ARCHITECTURES`.
 
     Returns:
         A ``PreTrainedTokenizerFast`` with ``pad_token="<pad>"``, ``eos_token="</s>"``, ``bos_token="<s>"``.
@@ -602,9 +603,9 @@ class _TinyInternVLProcessor(_TorchvisionFreeProcessor, InternVLProcessor):
 
 
 def tiny_processor(arch: str) -> ProcessorMixin:
-    """Builds the real processor of ``arch`` with the PIL image processor and :func:`tiny_tokenizer`.
+    """Builds the real processor of ``arch`` with the PIL image processor and `tiny_tokenizer`.
 
-    Image sizes match the tiny vision towers of :func:`tiny_config`:
+    Image sizes match the tiny vision towers of `tiny_config`:
 
     - ``qwen2_vl`` / ``qwen2_5_vl``: ``Qwen2VLImageProcessorPil`` with ``min_pixels = 28*28*4`` and
       ``max_pixels = 28*28*64``, i.e. 4 to 64 merged tokens per image (224x168 -> 12x16 patches -> 48).
@@ -624,7 +625,7 @@ def tiny_processor(arch: str) -> ProcessorMixin:
     done: every frame given is used.
 
     Args:
-        arch: One of :data:`ARCHITECTURES`.
+        arch: One of `ARCHITECTURES`.
 
     Returns:
         A ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``, ``Qwen3VLProcessor``, ``LlavaOnevisionProcessor``,
@@ -749,7 +750,7 @@ def tiny_inputs(
     padding_side: str = "left",
     dtype: torch.dtype = torch.float32,
 ) -> BatchFeature:
-    """Processes a batch of samples with :func:`tiny_processor`, ready for ``model(**inputs)``/``generate``.
+    """Processes a batch of samples with `tiny_processor`, ready for ``model(**inputs)``/``generate``.
 
     Sample ``i`` is the text ``"w0 w1 <placeholders> <prompt i>"``: a fixed two-word prefix, one
     placeholder per image of ``samples[i]`` in order (Qwen ``<|vision_start|><|image_pad|><|vision_end|>``,
@@ -764,10 +765,10 @@ def tiny_inputs(
     56)`` (OV). InternVL puts video frames into ``pixel_values`` like image tiles, as its processor does.
 
     Default batch (``samples=None`` and ``videos=None``): two samples, one 224x168 and one 140x196 picture
-    (:func:`make_image` seeds 0 and 1), with default prompts of 7 and 3 words.
+    (`make_image` seeds 0 and 1), with default prompts of 7 and 3 words.
 
     Args:
-        arch: One of :data:`ARCHITECTURES`.
+        arch: One of `ARCHITECTURES`.
         samples: Per sample, its images (an empty list makes a text-only sample). LLaVA-OV processes a
             sample with one image in anyres mode (base + tiles) and a sample with several images as one
             base tile each, as its processor does.
@@ -878,9 +879,9 @@ _KNOWN_KEYS = {
 
 
 def batch_item(inputs: BatchFeature, i: int) -> BatchFeature:
-    """Returns sample ``i`` of a :func:`tiny_inputs` batch as a batch of one, with its padding removed.
+    """Returns sample ``i`` of a `tiny_inputs` batch as a batch of one, with its padding removed.
 
-    The result equals (tensor for tensor) what :func:`tiny_inputs` returns for that sample alone, so
+    The result equals (tensor for tensor) what `tiny_inputs` returns for that sample alone, so
     ``model(**batch_item(inputs, i))`` is the reference for "a batch equals its samples run one by one".
     It is computed by slicing, not by re-processing: text tensors keep only the row's unpadded positions,
     and the visual tensors are cut per architecture, which is recognised from the keys —
@@ -898,7 +899,7 @@ def batch_item(inputs: BatchFeature, i: int) -> BatchFeature:
     tokenizers are not supported.
 
     Args:
-        inputs: A batch returned by :func:`tiny_inputs` (any dtype; tensors may be on any device).
+        inputs: A batch returned by `tiny_inputs` (any dtype; tensors may be on any device).
         i: Sample index; negative values count from the end.
 
     Returns:
@@ -1003,7 +1004,7 @@ def tiny_model(
     num_hidden_layers: int = 4,
     seed: int = 0,
 ) -> PreTrainedModel:
-    """Builds the real ``XForConditionalGeneration`` of ``arch`` from :func:`tiny_config`, in eval mode.
+    """Builds the real ``XForConditionalGeneration`` of ``arch`` from `tiny_config`, in eval mode.
 
     Weights are random and deterministic: every linear, convolution and embedding weight is drawn from
     ``N(0, 1/fan_in)`` (embeddings ``N(0, 1)``) after ``torch.manual_seed(seed)``; norms, biases and the
@@ -1012,7 +1013,7 @@ def tiny_model(
     and stay finite in bf16/fp16. The caller's global RNG state is left unchanged.
 
     Args:
-        arch: One of :data:`ARCHITECTURES`.
+        arch: One of `ARCHITECTURES`.
         attn_implementation: ``"sdpa"`` or ``"eager"`` (needed for ``output_attentions``).
         dtype: Parameter dtype.
         num_hidden_layers: Number of LLM decoder layers.
