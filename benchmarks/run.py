@@ -49,57 +49,8 @@ class Case:
     files: dict[str, str] = field(default_factory=dict)  # schedule name -> JSON file for the command line
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Schedules at an equal budget
-# ---------------------------------------------------------------------------------------------------------
-def _geometric_decay(layers: int, first: int, target: float) -> float:
-    """Decay d of SPU's geometric cascade from ``first`` so that the mean kept fraction is ``target``."""
-    lo, hi = 1e-4, 0.9999
-    for _ in range(60):
-        d = (lo + hi) / 2
-        mean = (first + sum(d**k for k in range(1, layers - first + 1))) / layers
-        lo, hi = (d, hi) if mean < target else (lo, d)
-    return round((lo + hi) / 2, 4)
-
-
-def budget_schedules(layers: int, llm_tokens: int, f: float = BUDGET) -> dict[str, Any]:
-    """Every strategy configured to keep about a fraction ``f`` of the visual tokens over the LLM layers.
-
-    LLM-side pruners act at layer 2 (FastV's K; the first layer with attention scores behind it) and keep
-    ``r`` with ``(2 + (L-2)·r) / L = f``; VTW withdraws everything at ``K = round(f·L)``; SPU's geometric
-    cascade from layer 2 has its decay solved for ``f``; OIM (two iterations, width then height) removes
-    ``1 - sqrt(f)`` of the lines; downsample divides each side by ``1/sqrt(f)``; ToMe at the projector can
-    merge at most half of the tokens in one application (bipartite matching), so it runs at ``f = 0.5``.
-    """
-    from tokcomp.strategies import OIM, PACT, SPU, VTW, Downsample, FastV, RandomPrune, ToMe
-
-    import tokcomp as tc
-
-    r = max(0.01, round((f * layers - 2) / (layers - 2), 4))
-    tag = f"{f:.2f}"
-    return {
-        f"spu@{tag}": tc.Schedule(
-            [
-                tc.Stage(
-                    SPU(schedule="geometric", decay=_geometric_decay(layers, 2, f)),
-                    site="llm",
-                    layers=range(2, layers),
-                )
-            ]
-        ),
-        f"fastv@{tag}": tc.Schedule([tc.Stage(FastV(keep_ratio=r), site="llm", layers=[2])]),
-        f"pact@{tag}": tc.Schedule([tc.Stage(PACT(keep_ratio=r), site="llm", layers=[2])]),
-        f"random@{tag}": tc.Schedule([tc.Stage(RandomPrune(keep_ratio=r), site="llm", layers=[2])]),
-        f"vtw@{tag}": tc.Schedule([tc.Stage(VTW(), site="llm", layers=[max(1, round(f * layers))])]),
-        f"oim@{tag}": tc.Schedule(
-            [tc.Stage(OIM(rate=round(1 - math.sqrt(f), 3), iterations=2), site="encoder")]
-        ),
-        f"downsample@{tag}": tc.Schedule(
-            [tc.Stage(Downsample(factor=round(1 / math.sqrt(f), 3)), site="encoder")]
-        ),
-        "tome@0.50": tc.Schedule([tc.Stage(ToMe(r=llm_tokens // 2), site="projector")]),
-    }
-
+# Schedules at an equal budget: one shared definition (also used by `tokcomp eval`).
+from tokcomp.budgets import budget_schedules
 
 PRESETS = ["luvc", "luvc-video", "luvc-document", "spu", "fastv", "pact", "pact-qwen2-vl", "vtw"]
 
