@@ -404,7 +404,7 @@ def evaluate(
                         with ctx as run:
                             out = model.generate(**inputs, **gen, logits_processor=[clock])
                         retained[r.name].append(run.report().retained_fraction())
-X
+                except Exception as exc:  # noqa: BLE001 - one broken schedule must not hide the others' numbers
                     r.error = f"{type(exc).__name__}: {exc}"
                     continue
                 r.prefill_s += (clock.first or time.perf_counter()) - t0

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
