@@ -22,8 +22,10 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -169,7 +171,8 @@ class EvalResult:
         visual_tokens: Visual tokens per sample at the LLM input, uncompressed.
         schedules: The uncompressed reference first, then every schedule in the order given.
         wall_s: Wall time of the whole evaluation.
-        machine: Threads, torch and transformers versions.
+        machine: `tokcomp.bench.machine_info` at the start (CPU, threads, versions, load average), and
+            ``load_average_end``.
     """
 
     model: str
@@ -338,10 +341,11 @@ def evaluate(
 
     import tokcomp as tc
 
-    from .bench import _describe, load_schedule
+    from .bench import _describe, load_schedule, machine_info
     from .train import encode
 
     t_start = time.perf_counter()
+    machine = machine_info()
     if model is None:
         from .testing import trained_model
 
@@ -424,8 +428,8 @@ def evaluate(
         r.agreement = sum(a == b for a, b in zip(r.answers, base.answers)) / max(1, len(base.answers))
         r.retained = 1.0 if r.kind == "uncompressed" else sum(retained[r.name]) / max(1, len(retained[r.name]))
         r.speedup = base.prefill_s / r.prefill_s if r.prefill_s > 0 else None
-    import transformers
-
+    with contextlib.suppress(OSError):
+        machine["load_average_end"] = list(os.getloadavg())
     return EvalResult(
         model=model_name or getattr(model, "name_or_path", "") or type(model).__name__,
         task={
@@ -441,11 +445,7 @@ def evaluate(
         visual_tokens=visual,
         schedules=results,
         wall_s=time.perf_counter() - t_start,
-        machine={
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        machine=machine,
     )
 
 
@@ -579,7 +579,7 @@ def cli(args: Any) -> int:
         if not console.is_terminal:
             console = Console(width=200)
         console.print(result.table())
-        console.print(f"wall {result.wall_s:.1f} s, {result.machine['threads']} threads; kept = visual tokens "
+        console.print(f"wall {result.wall_s:.1f} s, {result.machine['torch_threads']} threads; kept = visual tokens "
                       "over the LLM layers; speed-up = time to first token vs uncompressed")
         for s in result.schedules:
             if s.error:

@@ -48,14 +48,17 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "answer_ids",
+    "build_image_processor",
     "build_processor",
     "build_tokenizer",
     "encode",
     "extra_questions",
+    "init_weights",
     "load_checkpoint",
     "main",
     "model_config",
     "predict",
+    "save_checkpoint",
     "train",
 ]
 
@@ -159,7 +162,7 @@ class TrainConfig:
     vision_heads: int = 4
     steps: int = 400
     batch: int = 16
-    lr: float = 3e-3
+    lr: float = 2e-3
     warmup: int = 20
     weight_decay: float = 0.01
     seed: int = 0
@@ -216,6 +219,27 @@ def model_config(cfg: TrainConfig) -> Qwen2VLConfig:
     config.pad_token_id, config.bos_token_id, config.eos_token_id = _PAD_ID, _BOS_ID, _EOS_ID
     config._attn_implementation = "sdpa"
     return config
+
+
+@torch.no_grad()
+def init_weights(model: torch.nn.Module) -> None:
+    """Unit-gain initialisation: linear and convolution weights ``N(0, 1/fan_in)``, embeddings ``N(0, 1)``.
+
+    The library's ``N(0, 0.02)`` suits widths near 1,000; at width 64-128 it shrinks every branch about
+    fivefold, so the visual tokens barely reach the answer position at first, and the model spent hundreds
+    of steps on text priors alone. With unit gain, the background colour was learnt in 10 steps instead of
+    not at all in 40 (2-layer model, 8 pictures a step). Biases and norms keep the model's own init.
+
+    Args:
+        model: The freshly built model (changed in place).
+    """
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)):
+            module.weight.normal_(0.0, 1.0 / math.sqrt(module.weight[0].numel()))
+        elif isinstance(module, torch.nn.Embedding):
+            module.weight.normal_(0.0, 1.0)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
 
 
 def answer_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
@@ -377,6 +401,7 @@ def train(
     torch.manual_seed(cfg.seed)
     processor = build_processor()
     model = Qwen2VLForConditionalGeneration(model_config(cfg))
+    init_weights(model)
     model.generation_config.pad_token_id = _PAD_ID
     model.generation_config.bos_token_id = _BOS_ID
     model.generation_config.eos_token_id = _EOS_ID

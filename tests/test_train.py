@@ -1,0 +1,70 @@
+"""The training script keeps working, and the shipped checkpoint loads and answers as stated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+from tokcomp import testing, train, vqa
+
+
+def test_a_short_training_run_lowers_the_loss(tmp_path):
+    cfg = train.TrainConfig(hidden=32, layers=2, intermediate=64, vision_width=16, vision_heads=2,
+                            steps=8, batch=4, lr=3e-3, warmup=2)
+    model, processor, result = train.train(cfg, tmp_path / "ck", log=None)
+    losses = result.losses
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3, losses
+    # The folder loads back into the same model.
+    loaded, proc = train.load_checkpoint(tmp_path / "ck")
+    batch = train.encode(proc, vqa.make_examples(2, seed=4))
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+    info = json.loads((tmp_path / "ck" / "training.json").read_text())
+    assert info["config"]["steps"] == 8 and len(info["losses"]) == 8
+
+
+def test_training_batches_supervise_only_answers():
+    processor = train.build_processor()
+    ex = vqa.make_examples(3, seed=0, split="train")
+    extra = [train.extra_questions(e, 0) for e in ex]
+    batch = train.encode(processor, ex, with_answer=True, extra=extra)
+    tok = processor.tokenizer
+    for row, e, more in zip(batch["labels"], ex, extra):
+        supervised = tok.convert_ids_to_tokens(row[row != -100].tolist())
+        expected = [e.answer, "</s>"] + [w for _, a in more for w in (a, "</s>")]
+        assert supervised == expected
+    # 144 visual tokens per picture enter the LLM.
+    assert ((batch["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).sum(-1) == 144).all()
+
+
+@pytest.fixture(scope="module")
+def shipped() -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor]:
+    return testing.trained_model()
+
+
+def test_shipped_checkpoint_is_a_plain_save_pretrained_folder(shipped):
+    path = testing.trained_model_path()
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size < 20 * 2**20
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path)
+    assert isinstance(model, Qwen2VLForConditionalGeneration)
+    assert model.config.text_config.num_hidden_layers >= 6
+    assert isinstance(shipped[1], Qwen2VLProcessor)
+
+
+def test_shipped_checkpoint_reaches_its_stated_accuracy(shipped):
+    model, processor = shipped
+    info = json.loads((testing.trained_model_path() / "training.json").read_text())
+    held_out = vqa.make_examples(140, seed=0, split="test")
+    answers = train.predict(model, processor, held_out, batch=35)
+    right = [a == e.answer for a, e in zip(answers, held_out)]
+    assert sum(right) / len(right) >= 0.9
+    for q in vqa.QTYPES:
+        per = [r for r, e in zip(right, held_out) if e.qtype == q]
+        assert sum(per) / len(per) >= min(0.75, vqa.chance_accuracy(q) + 0.4), q
+    # training.json states the accuracy on the first examples of the same stream; the slice agrees.
+    assert info["eval_examples"] >= 140 and info["accuracy"]["all"] >= 0.9
