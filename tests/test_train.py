@@ -14,7 +14,7 @@ from tokcomp import testing, train, vqa
 def test_a_short_training_run_lowers_the_loss(tmp_path):
     cfg = train.TrainConfig(hidden=32, layers=2, intermediate=64, vision_width=16, vision_heads=2,
                             steps=8, batch=4, lr=3e-3, warmup=2)
-    model, processor, result = train.train(cfg, tmp_path / "ck", log=None)
+    model, _, result = train.train(cfg, tmp_path / "ck", log=None)
     losses = result.losses
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3, losses

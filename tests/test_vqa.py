@@ -148,7 +148,7 @@ def test_deterministic_and_splits_differ() -> None:
 
 
 def test_balanced_answers() -> None:
-    ex = vqa.make_examples(7 * 100, seed=1, split="train")
+    ex = vqa.make_examples(7 * 60, seed=1, split="train")
     assert [e.qtype for e in ex[:7]] == list(vqa.QTYPES)
     for qtype in vqa.QTYPES:
         answers = Counter(e.answer for e in ex if e.qtype == qtype)
@@ -156,6 +156,12 @@ def test_balanced_answers() -> None:
         assert max(answers.values()) / sum(answers.values()) < 2.5 * vqa.chance_accuracy(qtype), answers
     counts = Counter(e.answer for e in ex if e.qtype == "count")
     assert set(counts) == {str(k) for k in range(6)}
+    # The stripe patch follows its own rule (Stripes.is_dark) pixel for pixel.
+    s = ex[0].scene.stripes
+    px = np.asarray(ex[0].image)
+    for y in range(s.y, s.y + s.size, 3):
+        for x in range(s.x, s.x + s.size, 3):
+            assert (px[y, x] == 0).all() == s.is_dark(x, y)
 
 
 def test_bad_arguments() -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
@@ -288,10 +289,10 @@ def render(scene: Scene) -> Image.Image:
         if name in d.lit():
             draw.rectangle(rect, fill=d.colour)
     s = scene.stripes
-    pixels = image.load()
-    for py in range(s.y, s.y + s.size):
-        for px in range(s.x, s.x + s.size):
-            pixels[px, py] = (0, 0, 0) if s.is_dark(px, py) else (255, 255, 255)
+    v, u = np.mgrid[0 : s.size, 0 : s.size]
+    t = {"horizontal": v, "vertical": u, "diagonal": u + v}[s.orientation]
+    patch = np.where(t % s.period < s.period // 2, 0, 255).astype(np.uint8)
+    image.paste(Image.fromarray(np.repeat(patch[..., None], 3, axis=2), mode="RGB"), (s.x, s.y))
     return image
 
 
