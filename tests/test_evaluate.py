@@ -33,14 +33,14 @@ def shipped():
 @pytest.fixture(scope="module")
 def small_eval(shipped):
     model, processor = shipped
-    return evaluate.evaluate(model, processor, ["fastv", "luvc"], budgets=[0.25], examples=14, batch=7,
+    return evaluate.evaluate(model, processor, ["fastv", "luvc"], budgets=[0.25], examples=7, batch=7,
                              progress=False)
 
 
 def test_uncompressed_answers_equal_a_plain_forward(shipped, small_eval):
     # generate()'s first token under no schedule is the argmax of one forward pass (tokcomp.train.predict).
     model, processor = shipped
-    items = vqa.make_examples(14, seed=0, split="test")
+    items = vqa.make_examples(7, seed=0, split="test")
     assert small_eval.uncompressed.answers == train.predict(model, processor, items)
     truth = [e.answer for e in items]
     right = sum(a == t for a, t in zip(small_eval.uncompressed.answers, truth))
@@ -51,16 +51,16 @@ def test_every_schedule_is_scored_on_the_same_questions(small_eval):
     names = [s.name for s in small_eval.schedules]
     expected_budget = set(budget_schedules(small_eval.num_layers, 144, 0.25))
     assert names[:3] == ["uncompressed", "fastv", "luvc"] and set(names[3:]) == expected_budget
-    items = vqa.make_examples(14, seed=0, split="test")
+    items = vqa.make_examples(7, seed=0, split="test")
     for s in small_eval.schedules:
         assert s.error is None, (s.name, s.error)
-        assert len(s.answers) == 14
+        assert len(s.answers) == 7
         assert s.overall.correct == sum(a == e.answer for a, e in zip(s.answers, items))
         for q, acc in s.per_type.items():
             assert acc.total == sum(e.qtype == q for e in items)
             lo, hi = acc.interval
             assert lo <= acc.value <= hi
-        assert s.agreement == sum(a == b for a, b in zip(s.answers, small_eval.uncompressed.answers)) / 14
+        assert s.agreement == sum(a == b for a, b in zip(s.answers, small_eval.uncompressed.answers)) / 7
         assert 0 < s.retained <= 1 and s.speedup > 0
     # FastV at layer 2 keeping half: (2 + 4 * 72/144) / 6 of the tokens over 6 layers.
     fastv = small_eval.by_name("fastv")

@@ -27,6 +27,15 @@ def test_a_short_training_run_lowers_the_loss(tmp_path):
     assert info["config"]["steps"] == 8 and len(info["losses"]) == 8
 
 
+def test_training_is_reproducible():
+    cfg = train.TrainConfig(hidden=32, layers=2, intermediate=64, vision_width=16, vision_heads=2,
+                            steps=3, batch=2, warmup=1)
+    a, _, ra = train.train(cfg, log=None)
+    b, _, rb = train.train(cfg, log=None)
+    assert ra.losses == rb.losses
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_training_batches_supervise_only_answers():
     processor = train.build_processor()
     ex = vqa.make_examples(3, seed=0, split="train")
@@ -57,14 +66,19 @@ def test_shipped_checkpoint_is_a_plain_save_pretrained_folder(shipped):
 
 
 def test_shipped_checkpoint_reaches_its_stated_accuracy(shipped):
+    # training.json states the held-out accuracy the training script measured on the first
+    # `eval_examples` questions of the test stream (docs/accuracy.md quotes it); recompute it.
     model, processor = shipped
     info = json.loads((testing.trained_model_path() / "training.json").read_text())
-    held_out = vqa.make_examples(140, seed=0, split="test")
-    answers = train.predict(model, processor, held_out, batch=35)
+    n = info["eval_examples"]
+    held_out = vqa.make_examples(n, seed=0, split="test")
+    answers = train.predict(model, processor, held_out, batch=50)
     right = [a == e.answer for a, e in zip(answers, held_out)]
-    assert sum(right) / len(right) >= 0.9
+    # Batches of another size pad differently, which may flip a near-tie: allow one question.
+    assert abs(sum(right) - info["accuracy"]["all"] * n) <= 1
     for q in vqa.QTYPES:
         per = [r for r, e in zip(right, held_out) if e.qtype == q]
-        assert sum(per) / len(per) >= min(0.75, vqa.chance_accuracy(q) + 0.4), q
-    # training.json states the accuracy on the first examples of the same stream; the slice agrees.
-    assert info["eval_examples"] >= 140 and info["accuracy"]["all"] >= 0.9
+        assert abs(sum(per) / len(per) - info["accuracy"][q]) <= 1 / len(per) + 1e-9, q
+    # Whatever it states, the model answers from the pictures: far above chance overall.
+    chance = sum(vqa.chance_accuracy(e.qtype) for e in held_out) / n
+    assert sum(right) / n > chance + 0.15

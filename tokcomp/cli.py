@@ -70,7 +70,7 @@ def run_demo(preset: str = "spu", examples: int = 70, show: int = 6, model: str 
     from tokcomp.vqa import make_examples
 
     net, processor = load_checkpoint(model) if model else testing.trained_model()
-    res = evaluate(net, processor, {preset: preset}, budgets=(), examples=examples, batch=14, progress=False,
+    res = evaluate(net, processor, {preset: preset}, budgets=(), examples=examples, batch=35, progress=False,
                    model_name=model or "shipped")
     base, comp = res.uncompressed, res.by_name(preset)
     if comp.error:

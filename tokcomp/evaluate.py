@@ -307,10 +307,10 @@ def evaluate(
     schedules: Mapping[str, Any] | Sequence[Any] | None = None,
     *,
     budgets: Sequence[float] = DEFAULT_BUDGETS,
-    examples: int = 280,
+    examples: int = 210,
     seed: int = 0,
     split: str = "test",
-    batch: int = 14,
+    batch: int = 35,
     progress: bool = True,
     model_name: str | None = None,
 ) -> EvalResult:
@@ -537,10 +537,10 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--budgets", type=_budgets, default=list(DEFAULT_BUDGETS),
                    help="equal-budget fractions for every strategy, comma-separated, or 'none' "
                    "(default 0.5,0.25,0.11)")
-    p.add_argument("--examples", type=int, default=280, help="held-out questions (default 280)")
+    p.add_argument("--examples", type=int, default=210, help="held-out questions (default 210, 30 per type)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="test", choices=vqa.SPLITS)
-    p.add_argument("--batch", type=int, default=14)
+    p.add_argument("--batch", type=int, default=35)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default=None, metavar="DIR", help="write eval.json and eval.png into DIR")
     p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
