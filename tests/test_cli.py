@@ -4,13 +4,39 @@ from __future__ import annotations
 
 import json
 
-from tokcomp import cli
+from tokcomp import cli, testing, vqa
 from tokcomp.flops import LayerShape, llm_prefill_flops
-from tokcomp.testing import tiny_config
+from tokcomp.testing import tiny_config, tiny_inputs
+from tokcomp.train import predict
 
 
-def test_demo_json(capsys):
-    assert cli.main(["demo", "--json", "--new-tokens", "3", "--layers", "6"]) == 0
+def test_demo_answers_questions_with_the_trained_model(capsys):
+    assert cli.main(["demo", "--json", "--examples", "14"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    items = vqa.make_examples(14, seed=0, split="test")
+    assert [q["question"] for q in res["questions"]] == [e.question for e in items[:6]]
+    assert [q["answer"] for q in res["questions"]] == [e.answer for e in items[:6]]
+    # The uncompressed answers are the plain forward's argmax (an independent path to generate()).
+    model, processor = testing.trained_model()
+    assert [q["uncompressed"] for q in res["questions"]] == predict(model, processor, items[:6])
+    right = sum(a == e.answer for a, e in zip(predict(model, processor, items), items))
+    assert res["accuracy_uncompressed"] == right / 14
+    assert res["uncompressed_visual"] == 144 and res["visual_tokens"][0] == 144
+    assert len(res["visual_tokens"]) == model.config.text_config.num_hidden_layers
+    assert res["visual_tokens"][-1] == 0  # SPU's cascade ends at zero visual tokens
+    assert 0 < res["retained"] < 1 and res["speedup"] > 0
+    lo, hi = res["ci_compressed"]
+    assert lo <= res["accuracy_compressed"] <= hi
+
+
+def test_demo_table(capsys):
+    assert cli.main(["demo", "--examples", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out questions" in out and "measured prefill speed-up" in out
+
+
+def test_random_demo_json(capsys):
+    assert cli.main(["demo", "--arch", "qwen2_vl", "--json", "--new-tokens", "3", "--layers", "6"]) == 0
     res = json.loads(capsys.readouterr().out)
     n0 = res["original_visual"]
     counts = res["visual_tokens"]
@@ -26,10 +52,22 @@ def test_demo_json(capsys):
     assert abs(res["flops_ratio"] - comp / base) < 1e-9
 
 
-def test_demo_table(capsys):
-    assert cli.main(["demo", "--new-tokens", "2", "--layers", "4"]) == 0
+def test_random_demo_table(capsys):
+    assert cli.main(["demo", "--arch", "qwen2_vl", "--new-tokens", "2", "--layers", "4"]) == 0
     out = capsys.readouterr().out
     assert "visual tokens entering each LLM layer" in out and "LLM prefill FLOPs" in out
+
+
+def test_random_demo_luvc_shows_the_uncompressed_counts(capsys):
+    # luvc's OIM shrinks the tokens inside the vision tower; the "uncompressed" column must still be the
+    # image placeholders the processor wrote, not the counts after OIM.
+    assert cli.main(["demo", "--arch", "qwen2_vl", "--preset", "luvc", "--json", "--new-tokens", "2",
+                     "--layers", "4"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    inputs = tiny_inputs("qwen2_vl")
+    placeholders = (inputs["input_ids"] == tiny_config("qwen2_vl").image_token_id).sum(-1).tolist()
+    assert res["original_visual"] == placeholders
+    assert all(c < p for c, p in zip(res["visual_tokens"][0], placeholders))
 
 
 def test_list(capsys):

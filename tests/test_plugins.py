@@ -233,3 +233,20 @@ def test_broken_entry_point_names_its_package(tmp_path: Path) -> None:
             tc.compress(cached_model("qwen2_vl"), tc.Schedule([]))
     assert "broken_tokcomp_plugin_mod" not in sys.modules
     assert "spu" in registry.strategies()  # and the registry works again without it
+
+
+def test_tokcomp_eval_scores_a_plugin_strategy(example_plugin: Path) -> None:
+    from tokcomp.evaluate import evaluate
+
+    model, processor = testing.trained_model()
+    nth = tc.Schedule([tc.Stage("keep_every_nth", site="llm", layers=[1], n=3)])
+    res = evaluate(model, processor, {"nth": nth, "every-other": "every-other"}, budgets=(), examples=7,
+                   batch=7, progress=False)
+    layers = res.num_layers
+    for name, first, n in (("nth", 1, 3), ("every-other", 2, 2)):
+        r = res.by_name(name)
+        assert r.error is None and r.kind == ("custom" if name == "nth" else "preset")
+        assert len(r.answers) == 7
+        # Every sample keeps ceil(144 / n) tokens from the stage's layer on.
+        expected = (first * 144 + (layers - first) * math.ceil(144 / n)) / (layers * 144)
+        assert math.isclose(r.retained, expected, rel_tol=1e-9), (name, r.retained, expected)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,8 @@ __all__ = [
     "tiny_model",
     "tiny_processor",
     "tiny_tokenizer",
+    "trained_model",
+    "trained_model_path",
 ]
 
 ARCHITECTURES: tuple[str, ...] = (
@@ -1038,6 +1041,46 @@ def tiny_model(
     model.generation_config.bos_token_id = _BOS_ID
     model.generation_config.eos_token_id = _EOS_ID
     return model.to(dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trained model (tokcomp.train on tokcomp.vqa), shipped as package data
+# ---------------------------------------------------------------------------------------------------------
+def trained_model_path() -> Path:
+    """The folder of the shipped checkpoint: a small ``Qwen2VLForConditionalGeneration`` trained on the
+    synthetic VQA task (`tokcomp.vqa`) by ``python -m tokcomp.train``.
+
+    It holds the model (``model.safetensors``, ``config.json``), the tokenizer, the image processor
+    and ``training.json`` (the recipe, the loss curve and the held-out accuracy at the end).
+    ``Qwen2VLForConditionalGeneration.from_pretrained(trained_model_path())`` loads the model; the
+    processor is rebuilt from its saved parts by `trained_model` (a processor without a video
+    processor cannot be saved whole without torchvision).
+
+    Returns:
+        The folder's path inside the installed package.
+    """
+    return Path(__file__).resolve().parent / "data" / "vqa-qwen2vl"
+
+
+def trained_model() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Loads the shipped trained model and its processor (see `trained_model_path`).
+
+    Returns:
+        ``(model, processor)``: the model in eval mode (fp32, ``sdpa``) and a ``Qwen2VLProcessor``
+        whose prompts are ``tokcomp.train.PROMPT`` with a task question.
+
+    Examples:
+        >>> from tokcomp.testing import trained_model
+        >>> from tokcomp.train import predict
+        >>> from tokcomp.vqa import make_examples
+        >>> model, processor = trained_model()
+        >>> ex = make_examples(1, seed=0, split="test")
+        >>> predict(model, processor, ex)[0] in ("white", "gray", "black")
+        True
+    """
+    from .train import load_checkpoint
+
+    return load_checkpoint(trained_model_path())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,173 @@
+"""The synthetic VQA task: deterministic, and every answer is right, read back from the pixels.
+
+The oracle here does not use the generator's answer logic: it finds the objects in the picture (the
+non-background pixels of each grid cell), names their colour from the RGB values and their shape from
+how much of their bounding box they fill, decodes the digit from which segment centres are inked, and the
+stripes from which neighbouring pixels are equal. Only the locations of the digit and the stripe patch
+are taken from the drawing parameters.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from tokcomp import vqa
+
+# The standard seven-segment code (segments a..g: top, top right, bottom right, bottom, bottom left,
+# top left, middle), written out here independently of the generator's table.
+SEVEN_SEGMENT = {
+    (1, 1, 1, 1, 1, 1, 0): "0", (0, 1, 1, 0, 0, 0, 0): "1", (1, 1, 0, 1, 1, 0, 1): "2",
+    (1, 1, 1, 1, 0, 0, 1): "3", (0, 1, 1, 0, 0, 1, 1): "4", (1, 0, 1, 1, 0, 1, 1): "5",
+    (1, 0, 1, 1, 1, 1, 1): "6", (1, 1, 1, 0, 0, 0, 0): "7", (1, 1, 1, 1, 1, 1, 1): "8",
+    (1, 1, 1, 1, 0, 1, 1): "9",
+}
+NAMED = {"left": (1, 0), "right": (1, 2), "top": (0, 1), "bottom": (2, 1), "centre": (1, 1)}
+
+
+def nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
+    return min(palette, key=lambda k: float(np.abs(rgb.astype(int) - palette[k]).sum()))
+
+
+def read_objects(ex: vqa.Example) -> dict[tuple[int, int], tuple[str, str]]:
+    """(row, col) -> (colour, shape) of the object seen in each grid cell."""
+    px = np.asarray(ex.image).astype(int)
+    bg_rgb = np.array(vqa.BACKGROUNDS[ex.scene.background])
+    skip = set()
+    for item in (ex.scene.digit, ex.scene.stripes):
+        skip.add((item.y // 112, item.x // 112))
+    seen = {}
+    for r in range(3):
+        for c in range(3):
+            if (r, c) in skip:
+                continue
+            cell = px[r * 112 : (r + 1) * 112, c * 112 : (c + 1) * 112]
+            ink = np.abs(cell - bg_rgb).sum(-1) > 60
+            if ink.sum() < 200:
+                continue
+            ys, xs = np.nonzero(ink)
+            fill = ink.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+            shape = "square" if fill > 0.93 else "circle" if fill > 0.65 else "triangle"
+            names = list(vqa.COLOURS)
+            palette = np.array([vqa.COLOURS[n] for n in names])
+            dist = np.abs(cell[ys, xs][:, None, :] - palette[None]).sum(-1)
+            votes = np.bincount(dist.argmin(1), minlength=len(names))
+            seen[(r, c)] = (names[int(votes.argmax())], shape)
+    return seen
+
+
+def read_answer(ex: vqa.Example, objects: dict[tuple[int, int], tuple[str, str]] | None = None) -> str:
+    """The answer to the question, from the picture (``objects``: `read_objects` of it, if known)."""
+    px = np.asarray(ex.image).astype(int)
+    words = ex.question.split()
+    objects = read_objects(ex) if objects is None else objects
+    if words[:5] == ["what", "colour", "is", "the", "background"]:
+        # A pixel that no object, digit or stripe covers.
+        occupied = np.zeros(px.shape[:2], bool)
+        for o in ex.scene.objects:
+            x0, y0, x1, y1 = o.box()
+            occupied[y0 : y1 + 1, x0 : x1 + 1] = True
+        for it in (ex.scene.digit, ex.scene.stripes):
+            w = getattr(it, "size", None) or it.width
+            h = getattr(it, "size", None) or it.height
+            occupied[it.y : it.y + h, it.x : it.x + w] = True
+        y, x = np.argwhere(~occupied)[0]
+        return nearest(px[y, x], vqa.BACKGROUNDS)
+    if words[:2] == ["what", "shape"]:
+        return objects[NAMED[words[-2]]][1]
+    if words[:2] == ["what", "colour"]:
+        return objects[NAMED[words[-2]]][0]
+    if words[:2] == ["how", "many"]:
+        return str(min(5, sum(colour == words[2] for colour, _ in objects.values())))
+    if words[:3] == ["is", "the", words[2]] and "object" in words:
+        (a,) = [cell for cell, (colour, _) in objects.items() if colour == words[2]]
+        (b,) = [cell for cell, (colour, _) in objects.items() if colour == words[-3]]
+        k = 1 if "left" in words else 0
+        return "yes" if a[k] < b[k] else "no"
+    if words[:3] == ["is", "there", "a"]:
+        return "yes" if (words[3], words[4]) in objects.values() else "no"
+    if words[:2] == ["what", "digit"]:
+        d = ex.scene.digit
+        code = []
+        for rect in d.segments().values():
+            x0, y0, x1, y1 = rect
+            centre = px[(y0 + y1) // 2, (x0 + x1) // 2]
+            code.append(int(np.abs(centre - vqa.BACKGROUNDS[ex.scene.background]).sum() > 100))
+        return SEVEN_SEGMENT[tuple(code)]
+    if words[:3] == ["which", "way", "do"]:
+        s = ex.scene.stripes
+        patch = px[s.y : s.y + s.size, s.x : s.x + s.size, 0]
+        if (patch[:, 1:] == patch[:, :-1]).all():
+            return "horizontal"
+        if (patch[1:] == patch[:-1]).all():
+            return "vertical"
+        assert (patch[1:, :-1] == patch[:-1, 1:]).all()
+        return "diagonal"
+    raise AssertionError(f"unparsed question {ex.question!r}")
+
+
+EXAMPLES = vqa.make_examples(70, seed=3, split="test") + vqa.make_examples(35, seed=0, split="train")
+
+
+def test_every_answer_matches_the_picture() -> None:
+    for ex in EXAMPLES:
+        assert ex.answer in vqa.ANSWERS
+        assert set(ex.question.split()) <= set(vqa.VOCABULARY)
+        assert read_answer(ex) == ex.answer, (ex.index, ex.split, ex.qtype, ex.question)
+
+
+def test_extra_questions_match_the_picture() -> None:
+    rng = random.Random(5)
+    checked = Counter()
+    for ex in EXAMPLES[:35]:
+        objects = read_objects(ex)
+        for qtype in vqa.QTYPES:
+            qa = vqa.ask(ex.scene, qtype, rng)
+            if qa is None:
+                continue
+            other = vqa.Example(ex.image, qa[0], qa[1], qtype, ex.scene, ex.index, ex.split, ex.seed)
+            assert read_answer(other, objects) == qa[1], qa
+            checked[qtype] += 1
+    assert set(checked) == set(vqa.QTYPES)
+
+
+def test_deterministic_and_splits_differ() -> None:
+    a = vqa.make_examples(14, seed=7, split="train")
+    b = vqa.make_examples(14, seed=7, split="train")
+    assert [e.question for e in a] == [e.question for e in b]
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b))
+    later = vqa.make_examples(4, seed=7, split="train", start=10)
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a[10:], later))
+    test = vqa.make_examples(14, seed=7, split="test")
+    other_seed = vqa.make_examples(14, seed=8, split="train")
+    for other in (test, other_seed):
+        assert not any(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, other))
+
+
+def test_balanced_answers() -> None:
+    ex = vqa.make_examples(7 * 60, seed=1, split="train")
+    assert [e.qtype for e in ex[:7]] == list(vqa.QTYPES)
+    for qtype in vqa.QTYPES:
+        answers = Counter(e.answer for e in ex if e.qtype == qtype)
+        # Every answer of the type occurs, none dominates (chance stays near 1 / number of answers).
+        assert max(answers.values()) / sum(answers.values()) < 2.5 * vqa.chance_accuracy(qtype), answers
+    counts = Counter(e.answer for e in ex if e.qtype == "count")
+    assert set(counts) == {str(k) for k in range(6)}
+    # The stripe patch follows its own rule (Stripes.is_dark) pixel for pixel.
+    s = ex[0].scene.stripes
+    px = np.asarray(ex[0].image)
+    for y in range(s.y, s.y + s.size, 3):
+        for x in range(s.x, s.x + s.size, 3):
+            assert (px[y, x] == 0).all() == s.is_dark(x, y)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="split"):
+        vqa.make_examples(1, split="val")
+    with pytest.raises(ValueError, match="n and start"):
+        vqa.make_examples(-1)
+    with pytest.raises(ValueError, match="question type"):
+        vqa.chance_accuracy("colour")

@@ -1,0 +1,549 @@
+"""Trains the small Qwen2-VL shipped with tokcomp on the synthetic VQA task (`tokcomp.vqa`).
+
+The model is the real ``transformers`` ``Qwen2VLForConditionalGeneration``, built from its config class
+at a small size (`model_config`), with a word-level tokenizer over the task's words (`build_tokenizer`)
+and the real ``Qwen2VLProcessor`` with the PIL image processor (`build_processor`). Pictures are
+336x336, so 144 merged visual tokens (12x12) enter the LLM. Each training picture is asked its own
+question and then one question of every other type about the same picture (`extra_questions`), so one
+pass of the vision tower gives up to seven supervised answers. The loss is on the answer words and the
+end-of-sequence tokens only. Weights start from a unit-gain initialisation (`init_weights`).
+
+Run it with::
+
+    python -m tokcomp.train --out DIR            # the shipped checkpoint's recipe (see TrainConfig)
+    python -m tokcomp.train --out DIR --steps 20 # a quick check
+
+Training is deterministic for a given seed and thread count (the same ``torch`` build and thread
+count give the same weights). The folder written is a ``save_pretrained`` model (safetensors) plus the
+tokenizer and the image processor, loadable with `load_checkpoint` or
+``tokcomp.testing.trained_model()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from transformers import (
+    BatchFeature,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+)
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
+
+from . import vqa
+
+__all__ = [
+    "PROMPT",
+    "TrainConfig",
+    "TrainResult",
+    "answer_ids",
+    "build_image_processor",
+    "build_processor",
+    "build_tokenizer",
+    "encode",
+    "extra_questions",
+    "init_weights",
+    "load_checkpoint",
+    "main",
+    "model_config",
+    "predict",
+    "save_checkpoint",
+    "train",
+]
+
+_SPECIALS = ("<unk>", "<pad>", "<s>", "</s>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+             "<|vision_end|>")
+_PAD_ID, _BOS_ID, _EOS_ID, _IMAGE_ID, _VIDEO_ID, _START_ID, _END_ID = 1, 2, 3, 4, 5, 6, 7
+PROMPT = "<|vision_start|><|image_pad|><|vision_end|> {question}"
+"""The text of one sample before its answer: the image, then the question."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer, processor, model
+# ---------------------------------------------------------------------------------------------------------
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `tokcomp.vqa.VOCABULARY` with the Qwen2-VL special tokens.
+
+    Ids: ``<unk> <pad> <s> </s>`` 0-3, ``<|image_pad|>`` 4, ``<|video_pad|>`` 5, ``<|vision_start|>`` 6,
+    ``<|vision_end|>`` 7, then the task's words in `tokcomp.vqa.VOCABULARY` order. Padding is on the left.
+
+    Returns:
+        A ``PreTrainedTokenizerFast``.
+    """
+    vocab = {t: i for i, t in enumerate([*_SPECIALS, *vqa.VOCABULARY])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _SPECIALS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="left",
+        image_token="<|image_pad|>",
+        video_token="<|video_pad|>",
+        vision_start_token="<|vision_start|>",
+        vision_end_token="<|vision_end|>",
+    )
+
+
+def build_image_processor() -> Qwen2VLImageProcessorPil:
+    """The PIL Qwen2-VL image processor that keeps a 336x336 picture at its size (144 merged tokens)."""
+    side = vqa.IMAGE_SIZE
+    return Qwen2VLImageProcessorPil(
+        min_pixels=28 * 28 * 4, max_pixels=side * side, patch_size=14, temporal_patch_size=2, merge_size=2
+    )
+
+
+def build_processor(
+    tokenizer: PreTrainedTokenizerFast | None = None, image_processor: Qwen2VLImageProcessorPil | None = None
+) -> Qwen2VLProcessor:
+    """The real ``Qwen2VLProcessor`` (without a video processor, so no torchvision is needed).
+
+    Args:
+        tokenizer: Defaults to `build_tokenizer`.
+        image_processor: Defaults to the 336x336 PIL image processor.
+
+    Returns:
+        A ``Qwen2VLProcessor`` (a subclass that accepts ``video_processor=None``, see
+        `tokcomp.testing.tiny_processor`).
+    """
+    from .testing import _TinyQwen2VLProcessor
+
+    return _TinyQwen2VLProcessor(
+        image_processor=image_processor or build_image_processor(),
+        tokenizer=tokenizer or build_tokenizer(),
+        video_processor=None,
+    )
+
+
+@dataclass
+class TrainConfig:
+    """The recipe: model size, optimiser and data.
+
+    Attributes:
+        hidden: LLM width.
+        layers: LLM decoder layers.
+        heads: LLM attention heads (head dim = hidden / heads).
+        kv_heads: LLM key/value heads.
+        intermediate: LLM MLP width.
+        vision_width: ViT width.
+        vision_depth: ViT blocks.
+        vision_heads: ViT heads.
+        rope_theta: Base of the LLM's rotary (M-RoPE) frequencies.
+        steps: Optimiser steps.
+        batch: Examples per step.
+        lr: Peak learning rate (AdamW, linear warm-up then cosine decay to 0).
+        warmup: Warm-up steps.
+        weight_decay: AdamW weight decay.
+        seed: Seed of the weights, the data stream (``split="train"``) and the shuffling.
+        threads: ``torch`` threads (determinism holds per thread count).
+        extra: Ask every other question type about each picture too (`extra_questions`).
+    """
+
+    hidden: int = 128
+    layers: int = 6
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 256
+    vision_width: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 4
+    rope_theta: float = 10.0
+    steps: int = 550
+    batch: int = 8
+    lr: float = 2e-3
+    warmup: int = 20
+    weight_decay: float = 0.01
+    seed: int = 0
+    # One thread: on a shared 2-core machine, two OpenMP threads ran 4-10x slower than one.
+    threads: int = 1
+    extra: bool = True
+
+
+def model_config(cfg: TrainConfig) -> Qwen2VLConfig:
+    """The ``Qwen2VLConfig`` of a recipe (vocabulary: `build_tokenizer`).
+
+    Args:
+        cfg: The recipe.
+
+    Returns:
+        The config, ``sdpa`` attention.
+    """
+    head_dim = cfg.hidden // cfg.heads
+    half = head_dim // 2
+    # M-RoPE splits the rotary half-dimension into (temporal, height, width) sections, as 16/24/24 of 64.
+    t = half // 4
+    h = (half - t) // 2
+    config = Qwen2VLConfig(
+        text_config=Qwen2VLTextConfig(
+            vocab_size=len(_SPECIALS) + len(vqa.VOCABULARY),
+            hidden_size=cfg.hidden,
+            intermediate_size=cfg.intermediate,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            num_key_value_heads=cfg.kv_heads,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-6,
+            bos_token_id=_BOS_ID,
+            eos_token_id=_EOS_ID,
+            pad_token_id=_PAD_ID,
+            tie_word_embeddings=False,
+            # theta 10, not 10,000: M-RoPE gives the width axis the lowest frequencies, which at 10,000
+            # turn by 0.04 rad across a 12-token row, so "left" and "right" were almost invisible.
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta,
+                             "mrope_section": [t, h, half - t - h]},
+        ),
+        vision_config=Qwen2VLVisionConfig(
+            depth=cfg.vision_depth,
+            embed_dim=cfg.vision_width,
+            hidden_size=cfg.hidden,
+            mlp_ratio=2,
+            num_heads=cfg.vision_heads,
+            patch_size=14,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+        ),
+        image_token_id=_IMAGE_ID,
+        video_token_id=_VIDEO_ID,
+        vision_start_token_id=_START_ID,
+        vision_end_token_id=_END_ID,
+    )
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = _PAD_ID, _BOS_ID, _EOS_ID
+    config._attn_implementation = "sdpa"
+    return config
+
+
+@torch.no_grad()
+def init_weights(model: torch.nn.Module) -> None:
+    """Unit-gain initialisation: linear and convolution weights ``N(0, 1/fan_in)``, embeddings ``N(0, 1)``.
+
+    The library's ``N(0, 0.02)`` suits widths near 1,000; at width 64-128 it shrinks every branch about
+    fivefold, so the visual tokens barely reach the answer position at first, and the model spent hundreds
+    of steps on text priors alone. With unit gain, the background colour was learnt in 10 steps instead of
+    not at all in 40 (2-layer model, 8 pictures a step). Biases and norms keep the model's own init.
+
+    Args:
+        model: The freshly built model (changed in place).
+    """
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)):
+            module.weight.normal_(0.0, 1.0 / math.sqrt(module.weight[0].numel()))
+        elif isinstance(module, torch.nn.Embedding):
+            module.weight.normal_(0.0, 1.0)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+
+
+def answer_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """Token ids of `tokcomp.vqa.ANSWERS`, in that order."""
+    return [tokenizer.convert_tokens_to_ids(a) for a in vqa.ANSWERS]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------------------
+def extra_questions(example: vqa.Example, seed: int) -> list[tuple[str, str]]:
+    """More questions about an example's picture, one of each other type where the scene has one.
+
+    Training asks them after the example's own question (in a seeded random order), so one picture
+    gives up to seven supervised answers for one pass of the vision tower.
+
+    Args:
+        example: A training example.
+        seed: Seed of the choices (with the example's index).
+
+    Returns:
+        ``(question, answer)`` pairs from `tokcomp.vqa.ask`.
+    """
+    rng = random.Random(f"tokcomp-train/{seed}/{example.split}/{example.index}")
+    out = []
+    for qtype in vqa.QTYPES:
+        if qtype != example.qtype and (qa := vqa.ask(example.scene, qtype, rng)) is not None:
+            out.append(qa)
+    rng.shuffle(out)
+    return out
+
+
+def encode(
+    processor: Qwen2VLProcessor,
+    examples: Sequence[vqa.Example],
+    *,
+    with_answer: bool = False,
+    extra: Sequence[Sequence[tuple[str, str]]] | None = None,
+) -> BatchFeature:
+    """Processes examples into one left-padded batch.
+
+    Args:
+        processor: From `build_processor` (or a loaded checkpoint).
+        examples: The examples.
+        with_answer: Append each answer and ``</s>`` and return ``labels`` that are ``-100`` except on
+            the answer and ``</s>`` tokens (for training).
+        extra: Per example, more ``(question, answer)`` pairs to append after the first answer, each
+            followed by ``</s>`` and supervised the same way (needs ``with_answer``).
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``
+        (and ``labels``).
+    """
+    texts = [PROMPT.format(question=e.question) for e in examples]
+    if with_answer:
+        texts = [f"{t} {e.answer} </s>" for t, e in zip(texts, examples)]
+        for k, pairs in enumerate(extra or []):
+            texts[k] += "".join(f" {q} {a} </s>" for q, a in pairs)
+    batch = processor(
+        text=texts, images=[e.image for e in examples], padding=True, padding_side="left", return_tensors="pt"
+    )
+    if with_answer:
+        ids = batch["input_ids"]
+        eos = ids == _EOS_ID
+        # The answer is the token just before each </s>.
+        answer = torch.zeros_like(eos)
+        answer[:, :-1] = eos[:, 1:]
+        batch["labels"] = torch.where(eos | answer, ids, torch.full_like(ids, -100))
+    return batch
+
+
+@torch.no_grad()
+def predict(model: Any, processor: Qwen2VLProcessor, examples: Sequence[vqa.Example], batch: int = 32) -> list[str]:
+    """The model's answer word to each example: argmax of the next-token logits after the question.
+
+    This is one forward per batch (no ``generate``), for monitoring training; `tokcomp.evaluate` answers
+    through ``generate()``.
+
+    Args:
+        model: A trained model.
+        processor: Its processor.
+        examples: The examples.
+        batch: Batch size.
+
+    Returns:
+        One decoded token per example.
+    """
+    out: list[str] = []
+    for k in range(0, len(examples), batch):
+        inputs = encode(processor, examples[k : k + batch])
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+        out += processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    """What `train` did.
+
+    Attributes:
+        config: The recipe.
+        losses: Mean loss of every step.
+        seconds: Wall time of the training loop.
+        accuracy: Held-out accuracy per question type (``"all"`` overall) from `predict`, if evaluated.
+        eval_examples: Held-out examples used for ``accuracy``.
+    """
+
+    config: TrainConfig
+    losses: list[float]
+    seconds: float
+    accuracy: dict[str, float]
+    eval_examples: int
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _accuracy(predictions: list[str], examples: Sequence[vqa.Example]) -> dict[str, float]:
+    acc: dict[str, float] = {}
+    for q in vqa.QTYPES:
+        pairs = [(p, e.answer) for p, e in zip(predictions, examples) if e.qtype == q]
+        if pairs:
+            acc[q] = sum(p == a for p, a in pairs) / len(pairs)
+    acc["all"] = sum(p == e.answer for p, e in zip(predictions, examples)) / max(1, len(examples))
+    return acc
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path | None = None,
+    *,
+    eval_examples: int = 0,
+    log: Callable[[str], None] | None = print,
+    log_every: int = 25,
+    eval_every: int = 0,
+) -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor, TrainResult]:
+    """Trains a model from scratch on the task's ``train`` split.
+
+    Args:
+        cfg: The recipe.
+        out: Folder to save the checkpoint into (model, tokenizer, image processor, ``training.json``);
+            nothing is saved if ``None``.
+        eval_examples: Held-out (``split="test"``, seed 0) examples to score at the end with `predict`.
+        log: Where progress lines go (``None``: silent).
+        log_every: Steps between progress lines.
+        eval_every: Steps between held-out checks on 70 examples (0: none), for tuning.
+
+    The thread count is set to ``cfg.threads`` while training and restored afterwards, and the caller's
+    ``torch`` random state is left as it was.
+
+    Returns:
+        The model (eval mode), its processor and a `TrainResult`.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _train(cfg, out, eval_examples, log, log_every, eval_every)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    cfg: TrainConfig,
+    out: str | Path | None,
+    eval_examples: int,
+    log: Callable[[str], None] | None,
+    log_every: int,
+    eval_every: int,
+) -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor, TrainResult]:
+    torch.manual_seed(cfg.seed)
+    processor = build_processor()
+    model = Qwen2VLForConditionalGeneration(model_config(cfg))
+    init_weights(model)
+    model.generation_config.pad_token_id = _PAD_ID
+    model.generation_config.bos_token_id = _BOS_ID
+    model.generation_config.eos_token_id = _EOS_ID
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    model.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        examples = vqa.make_examples(cfg.batch, seed=cfg.seed, split="train", start=step * cfg.batch)
+        extra = [extra_questions(e, cfg.seed) for e in examples] if cfg.extra else None
+        batch = encode(processor, examples, with_answer=True, extra=extra)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if log and (step % log_every == 0 or step == cfg.steps - 1):
+            recent = losses[-log_every:]
+            log(f"step {step:5d}  loss {sum(recent) / len(recent):.4f}  lr {sched.get_last_lr()[0]:.2e}  "
+                f"{time.perf_counter() - t0:7.1f}s")
+        if log and eval_every and (step + 1) % eval_every == 0:
+            model.eval()
+            probe = vqa.make_examples(70, seed=0, split="test", start=10_000)
+            acc = _accuracy(predict(model, processor, probe), probe)
+            model.train()
+            log("  probe: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+    seconds = time.perf_counter() - t0
+    model.eval()
+    accuracy: dict[str, float] = {}
+    if eval_examples:
+        held_out = vqa.make_examples(eval_examples, seed=0, split="test")
+        accuracy = _accuracy(predict(model, processor, held_out), held_out)
+        if log:
+            log("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+    result = TrainResult(cfg, losses, seconds, accuracy, eval_examples)
+    if out is not None:
+        save_checkpoint(model, processor, out, result)
+    return model, processor, result
+
+
+def save_checkpoint(
+    model: Qwen2VLForConditionalGeneration, processor: Qwen2VLProcessor, out: str | Path, result: TrainResult
+) -> Path:
+    """Saves the model (safetensors), tokenizer, image processor and ``training.json`` into ``out``.
+
+    The processor is saved as its two parts: ``ProcessorMixin.save_pretrained`` fails without
+    torchvision when there is no video processor (``video_processor=None``), and `load_checkpoint`
+    rebuilds the processor from the parts.
+
+    Args:
+        model: The model.
+        processor: Its processor.
+        out: The folder (created if needed).
+        result: What training did (written to ``training.json``).
+
+    Returns:
+        The folder.
+    """
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.tokenizer.save_pretrained(path)
+    processor.image_processor.save_pretrained(path)
+    info = {**asdict(result), "losses": [round(v, 5) for v in result.losses]}
+    info["torch"] = torch.__version__
+    (path / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor]:
+    """Loads a folder written by `train` (or `save_checkpoint`).
+
+    Args:
+        path: The checkpoint folder.
+
+    Returns:
+        ``(model, processor)``: the model in eval mode (fp32, ``sdpa``) and its ``Qwen2VLProcessor``.
+
+    Raises:
+        FileNotFoundError: If ``path`` holds no ``config.json``.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no config.json); train one with "
+                                "`python -m tokcomp.train --out DIR`")
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    return model.eval(), build_processor(tokenizer, image_processor)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tokcomp.train``: train and save a checkpoint."""
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m tokcomp.train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    for name, value in asdict(defaults).items():
+        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+    p.add_argument("--eval", type=int, default=350, help="held-out examples to score at the end")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between held-out probes (tuning)")
+    p.add_argument("--log-every", type=int, default=25)
+    args = p.parse_args(argv)
+    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    train(cfg, args.out, eval_examples=args.eval, eval_every=args.eval_every, log_every=args.log_every)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
