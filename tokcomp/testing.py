@@ -1052,8 +1052,10 @@ def tiny_model(
 # ---------------------------------------------------------------------------------------------------------
 # Oracles for LLM-side strategies (used by tokcomp's own tests and offered to plugin authors)
 # ---------------------------------------------------------------------------------------------------------
-ORACLE_ATOL, ORACLE_RTOL = 2e-4, 1e-4
-"""Float tolerances of the oracles on the tiny float32 models (absolute, relative)."""
+ORACLE_ATOL = 2e-4
+"""Absolute tolerance of the oracles on the logits of the tiny float32 models."""
+ORACLE_RTOL = 1e-4
+"""Relative tolerance of the oracles."""
 
 _ORACLE_GEN = {"max_new_tokens": 3, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
 
