@@ -16,7 +16,16 @@ from typing import Any, ClassVar
 import torch
 from einops import rearrange
 
-from tokcomp.contracts import Adapter, CountItem, ItemShape, LLMInput, SampleLayout, ShapeFn, TokenCount, VisualItem
+from tokcomp.contracts import (
+    Adapter,
+    CountItem,
+    ItemShape,
+    LLMInput,
+    SampleLayout,
+    ShapeFn,
+    TokenCount,
+    VisualItem,
+)
 from tokcomp.encoder import VisionCallResult, VisionSession, hidden_states_of, valid_slots, with_hidden_states
 from tokcomp.errors import RuntimeStateError, ScheduleError
 from tokcomp.tokens import FrameGrid, VisualItemTokens

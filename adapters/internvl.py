@@ -49,7 +49,16 @@ from typing import Any, ClassVar
 
 import torch
 
-from tokcomp.contracts import Adapter, CountItem, ItemShape, LLMInput, SampleLayout, ShapeFn, TokenCount, VisualItem
+from tokcomp.contracts import (
+    Adapter,
+    CountItem,
+    ItemShape,
+    LLMInput,
+    SampleLayout,
+    ShapeFn,
+    TokenCount,
+    VisualItem,
+)
 from tokcomp.encoder import (
     RowTower,
     VisionCallResult,

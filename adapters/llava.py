@@ -46,7 +46,16 @@ from typing import Any, ClassVar
 
 import torch
 
-from tokcomp.contracts import Adapter, CountItem, LLMInput, SampleLayout, ShapeFn, TokenCount, VisualItem
+from tokcomp.contracts import (
+    Adapter,
+    CountItem,
+    ItemShape,
+    LLMInput,
+    SampleLayout,
+    ShapeFn,
+    TokenCount,
+    VisualItem,
+)
 from tokcomp.encoder import (
     RowTower,
     VisionCallResult,
@@ -140,8 +149,6 @@ class LlavaAdapter(Adapter):
     def predict_tokens(self, item: CountItem, encoder: ShapeFn, projector: ShapeFn) -> TokenCount:
         """The encoder stages on the patch grid, then the projector stages (the projector works per token);
         with the ``"full"`` feature strategy the CLS token takes one more placeholder."""
-        from tokcomp.contracts import ItemShape
-
         n = projector(encoder(ItemShape(*item.grid))).num_tokens
         cls = self.model.config.vision_feature_select_strategy == "full" and self._tower_has_cls()
         return TokenCount(n, n + int(cls))

@@ -101,7 +101,16 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from tokcomp.compat import cache_of
-from tokcomp.contracts import Adapter, CountItem, ItemShape, LLMInput, SampleLayout, ShapeFn, TokenCount, VisualItem
+from tokcomp.contracts import (
+    Adapter,
+    CountItem,
+    ItemShape,
+    LLMInput,
+    SampleLayout,
+    ShapeFn,
+    TokenCount,
+    VisualItem,
+)
 from tokcomp.encoder import (
     RowTower,
     VisionCallResult,
