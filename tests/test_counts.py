@@ -170,3 +170,26 @@ def test_output_shape_equals_reduce(strategy, multiple):
             items = strategy.reduce(vt).items
             fr = items[0].frames[0]
             assert (len(items[0].frames), *fr.shape, fr.is_grid) == (shape.t, shape.h, shape.w, shape.is_grid)
+
+
+def test_llava_full_feature_strategy_counts_the_cls_slot():
+    """With vision_feature_select_strategy="full" each image's run holds CLS + grid: one more placeholder."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = testing.tiny_config("llava")
+    config.vision_feature_select_strategy = "full"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(config).eval()
+    processor = testing.tiny_processor("llava")
+    processor.vision_feature_select_strategy = "full"
+    images = [testing.make_image(64, 64), testing.make_image(80, 60, seed=2)]
+    batch = processor(text=["w0 <image> w3 w4", "w1 <image> w5"], images=images, padding=True,
+                      padding_side="left", return_tensors="pt")
+    schedule = tc.Schedule([tc.Stage(Downsample(factor=2.0), site="encoder", layers=[1])])
+    empty = counts.visual_tokens(model, tc.Schedule([]), batch)
+    assert [sum(c.placeholders for c in s) for s in empty] == _placeholders(batch)
+    predicted = counts.visual_tokens(model, schedule, batch)
+    assert [[(c.visual, c.placeholders) for c in s] for s in predicted] == [[(4, 5)], [(4, 5)]]
+    rep = _run(model, schedule, batch)
+    assert [sum(c.visual for c in s) for s in predicted] == rep.original_visual
