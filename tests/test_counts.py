@@ -193,3 +193,16 @@ def test_llava_full_feature_strategy_counts_the_cls_slot():
     assert [[(c.visual, c.placeholders) for c in s] for s in predicted] == [[(4, 5)], [(4, 5)]]
     rep = _run(model, schedule, batch)
     assert [sum(c.visual for c in s) for s in predicted] == rep.original_visual
+
+
+def test_an_adapter_without_count_functions_is_refused_by_name():
+    from tokcomp.contracts import Adapter
+
+    model = cached_model("llava")
+    plain = type("PluginAdapter", (type(tc.find_adapter(model)),), {
+        "name": "plugin-adapter", "predict_tokens": Adapter.predict_tokens, "count_items": Adapter.count_items,
+    })(model)
+    with pytest.raises(counts.CountError, match="'plugin-adapter' adapter cannot predict.*Adapter.predict_tokens"):
+        counts.item_tokens(plain, tc.Schedule([]), CountItem("image", (1, 4, 4)))
+    with pytest.raises(counts.CountError, match="'plugin-adapter' adapter does not describe.*count_items"):
+        counts.visual_tokens(plain, tc.Schedule([]), testing.tiny_inputs("llava"))

@@ -144,6 +144,8 @@ def _predict(adapter: Adapter, item: CountItem, encoder: ShapeFn, projector: Sha
         raise
     except ScheduleError as exc:
         raise CountError(f"the {adapter.name!r} adapter, {item.kind} {item.grid}: {exc}") from None
+    except NotImplementedError as exc:  # an adapter (a plugin's, say) without count functions
+        raise CountError(f"{exc}: implement Adapter.predict_tokens to size its items in advance") from None
 
 
 def item_tokens(model_or_adapter: Any, schedule: Any, item: CountItem) -> TokenCount:
@@ -185,5 +187,8 @@ def visual_tokens(model_or_adapter: Any, schedule: Any, inputs: Any) -> list[lis
     """
     adapter = _adapter(model_or_adapter)
     encoder, projector = shape_functions(adapter, schedule)
-    items = adapter.count_items(dict(inputs))
+    try:
+        items = adapter.count_items(dict(inputs))
+    except NotImplementedError as exc:
+        raise CountError(f"{exc}: implement Adapter.count_items, or call item_tokens per item") from None
     return [[_predict(adapter, it, encoder, projector) for it in sample] for sample in items]
