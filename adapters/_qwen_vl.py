@@ -16,9 +16,18 @@ from typing import Any, ClassVar
 import torch
 from einops import rearrange
 
-from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
+from tokcomp.contracts import (
+    Adapter,
+    CountItem,
+    ItemShape,
+    LLMInput,
+    SampleLayout,
+    ShapeFn,
+    TokenCount,
+    VisualItem,
+)
 from tokcomp.encoder import VisionCallResult, VisionSession, hidden_states_of, valid_slots, with_hidden_states
-from tokcomp.errors import RuntimeStateError
+from tokcomp.errors import RuntimeStateError, ScheduleError
 from tokcomp.tokens import FrameGrid, VisualItemTokens
 
 __all__ = ["QwenVLAdapterBase"]
@@ -154,6 +163,23 @@ class QwenVLAdapterBase(Adapter):
             shift[b] = full[0, last] - old[-3][b, last]
         new[-3:] = rows
         return LLMInput(layouts, keep, new, shift)
+
+    def count_items(self, call: dict[str, Any]) -> list[list[CountItem]]:
+        """One item per placeholder run's grid, ``(t, h, w)`` in patches (the ``image_grid_thw`` /
+        ``video_grid_thw`` rows; a video whose frames are separate runs gives one item per run)."""
+        m = self.merge_size
+        return [[CountItem(it.kind, (it.grid[0], it.grid[1] * m, it.grid[2] * m)) for it in lay.items]
+                for lay in self.layouts(call)]
+
+    def predict_tokens(self, item: CountItem, encoder: ShapeFn, projector: ShapeFn) -> TokenCount:
+        """The encoder stages on the patch grid, the ``m x m`` merger (each side divided by ``m``), then the
+        projector stages on the merged grid; one placeholder per token."""
+        m = self.merge_size
+        enc = encoder(ItemShape(*item.grid))
+        if not enc.is_grid:
+            raise ScheduleError(f"the {self.name!r} patch merger needs a grid after the encoder stages")
+        n = projector(ItemShape(enc.t, enc.h // m, enc.w // m)).num_tokens
+        return TokenCount(n, n)
 
     def layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         """Visual token runs of each sample with their grids.

@@ -49,7 +49,16 @@ from typing import Any, ClassVar
 
 import torch
 
-from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
+from tokcomp.contracts import (
+    Adapter,
+    CountItem,
+    ItemShape,
+    LLMInput,
+    SampleLayout,
+    ShapeFn,
+    TokenCount,
+    VisualItem,
+)
 from tokcomp.encoder import (
     RowTower,
     VisionCallResult,
@@ -128,6 +137,26 @@ class InternVLAdapter(Adapter):
     def llm_input(self, call: dict[str, Any], lm_kwargs: dict[str, Any], results: list[VisionCallResult]) -> LLMInput:
         """Keep the first ``n'`` slots of every tile's run; renumber positions contiguously."""
         return layout_first_slots_input(self.layouts(call), call, lm_kwargs, results)
+
+    def count_items(self, call: dict[str, Any]) -> list[list[CountItem]]:
+        """One item per ``<IMG_CONTEXT>`` run (an image with its tiles, or a video's frames): grid
+        ``(tiles, S/p, S/p)`` in patches."""
+        ids: torch.Tensor = call["input_ids"]
+        h, w = self.tile_grid
+        unit = round(1 / float(self.model.config.downsample_ratio))
+        out = []
+        for b in range(ids.shape[0]):
+            runs = _runs((ids[b] == self.model.config.image_token_id).nonzero().squeeze(1))
+            out.append([CountItem("image", (run.numel() // (h * w), h * unit, w * unit)) for run in runs])
+        return out
+
+    def predict_tokens(self, item: CountItem, encoder: ShapeFn, projector: ShapeFn) -> TokenCount:
+        """The encoder stages on every tile's patch grid, pixel shuffle (each side divided by its unit),
+        then the projector stages on the tile's unit grid."""
+        unit = round(1 / float(self.model.config.downsample_ratio))
+        enc = encoder(ItemShape(*item.grid))
+        n = projector(ItemShape(enc.t, enc.h // unit, enc.w // unit)).num_tokens
+        return TokenCount(n, n)
 
     def layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         """Cut every ``<IMG_CONTEXT>`` run into tiles of ``h * w`` tokens, one ``(1, h, w)`` item each."""

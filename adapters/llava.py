@@ -46,7 +46,16 @@ from typing import Any, ClassVar
 
 import torch
 
-from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
+from tokcomp.contracts import (
+    Adapter,
+    CountItem,
+    ItemShape,
+    LLMInput,
+    SampleLayout,
+    ShapeFn,
+    TokenCount,
+    VisualItem,
+)
 from tokcomp.encoder import (
     RowTower,
     VisionCallResult,
@@ -132,6 +141,17 @@ class LlavaAdapter(Adapter):
     def llm_input(self, call: dict[str, Any], lm_kwargs: dict[str, Any], results: list[VisionCallResult]) -> LLMInput:
         """Keep the first ``n'`` placeholder slots of every image; renumber positions contiguously."""
         return layout_first_slots_input(self.layouts(call), call, lm_kwargs, results)
+
+    def count_items(self, call: dict[str, Any]) -> list[list[CountItem]]:
+        """One ``(1, S/p, S/p)`` item per image of each sample."""
+        return [[CountItem("image", it.grid) for it in lay.items] for lay in self.layouts(call)]
+
+    def predict_tokens(self, item: CountItem, encoder: ShapeFn, projector: ShapeFn) -> TokenCount:
+        """The encoder stages on the patch grid, then the projector stages (the projector works per token);
+        with the ``"full"`` feature strategy the CLS token takes one more placeholder."""
+        n = projector(encoder(ItemShape(*item.grid))).num_tokens
+        cls = self.model.config.vision_feature_select_strategy == "full" and self._tower_has_cls()
+        return TokenCount(n, n + int(cls))
 
     def _tower_has_cls(self) -> bool:
         return any(hasattr(m, "class_embedding") for m in self.model.model.vision_tower.modules())

@@ -101,7 +101,16 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from tokcomp.compat import cache_of
-from tokcomp.contracts import Adapter, LLMInput, SampleLayout, VisualItem
+from tokcomp.contracts import (
+    Adapter,
+    CountItem,
+    ItemShape,
+    LLMInput,
+    SampleLayout,
+    ShapeFn,
+    TokenCount,
+    VisualItem,
+)
 from tokcomp.encoder import (
     RowTower,
     VisionCallResult,
@@ -111,7 +120,7 @@ from tokcomp.encoder import (
     install_row_tower,
     valid_slots,
 )
-from tokcomp.errors import RuntimeStateError
+from tokcomp.errors import RuntimeStateError, ScheduleError
 from tokcomp.tokens import FrameGrid, VisualItemTokens
 
 __all__ = ["LlavaOnevisionAdapter", "pack_merged_anyres", "pool_merged_frame"]
@@ -428,6 +437,74 @@ class LlavaOnevisionAdapter(Adapter):
                     f"the call has {len(queues[kind])} {kind}s but input_ids place {used[kind]}"
                 )
         return out
+
+    # -- count functions ---------------------------------------------------------------------------------
+    def count_items(self, call: dict[str, Any]) -> list[list[CountItem]]:
+        """Per sample, its images (``image_sizes``; ``multi_image`` from ``batch_num_images``) and videos
+        (``pixel_values_videos``: grid ``(frames, S/p, S/p)``), in prompt order."""
+        ids: torch.Tensor = call["input_ids"]
+        cfg = self.model.config
+        h0, w0 = self.tile_grid
+        sizes = call.get("image_sizes")
+        sizes = [] if sizes is None else [tuple(int(v) for v in r) for r in sizes.tolist()]
+        # batch_num_images lists the samples that have images (text-only samples are skipped)
+        counts = iter([int(n) for n in call["batch_num_images"]]) if call.get("batch_num_images") is not None else None
+        per_sample = []
+        for b in range(ids.shape[0]):
+            runs = len(_runs((ids[b] == cfg.image_token_id).nonzero().squeeze(1)))
+            per_sample.append(0 if not runs else runs if counts is None else next(counts))
+        videos = call.get("pixel_values_videos")
+        frames = int(videos.shape[1]) if videos is not None else 0
+        out, k = [], 0
+        for b in range(ids.shape[0]):
+            images = [CountItem("image", (1, h0, w0), sizes[k + j], per_sample[b] > 1) for j in range(per_sample[b])]
+            k += per_sample[b]
+            vid = (ids[b] == cfg.video_token_id).nonzero().squeeze(1)
+            img = (ids[b] == cfg.image_token_id).nonzero().squeeze(1)
+            clip = [CountItem("video", (frames, h0, w0))] * len(_runs(vid))
+            first_video = bool(vid.numel()) and (not img.numel() or int(vid[0]) < int(img[0]))
+            out.append(clip + images if first_video else images + clip)
+        return out
+
+    def predict_tokens(self, item: CountItem, encoder: ShapeFn, projector: ShapeFn) -> TokenCount:
+        """The model's packing applied to the stages' grids (module docstring): video frames pooled 2x2 then
+        one newline; a multi-image tile then one newline; a single image's base tile, then its AnyRes grid
+        with one newline per row. With encoder stages the AnyRes count is known only when the picture's
+        aspect ratio fills the tiles: otherwise the padding is cropped by provenance, and how many merged
+        rows or columns hold picture content depends on which lines merged."""
+        h0, w0 = self.tile_grid
+        if item.kind == "video":
+            enc = encoder(ItemShape(item.grid[0], h0, w0))
+            n = projector(ItemShape(enc.t, math.ceil(enc.h / 2), math.ceil(enc.w / 2))).num_tokens
+            return TokenCount(n, n + 1)
+        base = projector(encoder(ItemShape(1, h0, w0))).num_tokens
+        if item.multi_image:
+            return TokenCount(base, base + 1)
+        if item.image_size is None:
+            raise ScheduleError("a single image of llava_onevision needs its image_size for the AnyRes layout")
+        cfg = self.model.config
+        rows, cols = get_anyres_image_grid_shape(item.image_size, cfg.image_grid_pinpoints,
+                                                 cfg.vision_config.image_size)
+        _, hc, wc = unpad_image(torch.empty(0, rows * h0, cols * w0), list(item.image_size)).shape
+        enc = encoder(ItemShape(1, h0, w0))
+        if (enc.h, enc.w) == (h0, w0):
+            h, w = hc, wc
+        elif (hc, wc) == (rows * h0, cols * w0):
+            h, w = rows * enc.h, cols * enc.w
+        else:
+            raise ScheduleError(
+                f"llava_onevision crops the AnyRes padding of a {item.image_size[0]}x{item.image_size[1]} picture "
+                "after the encoder; with merged tiles the rows and columns that stay depend on which lines "
+                "merged, so this item's count is known only after the encoder runs (move the stage to the "
+                "projector site, or use pictures whose aspect ratio fills the tiles)"
+            )
+        max_tiles = int(str(cfg.vision_aspect_ratio).removeprefix("anyres_max_"))
+        ratio = math.sqrt(hc * wc / (max_tiles * h0**2))
+        if ratio > 1.1:
+            h, w = max(1, int(h // ratio)), max(1, int(w // ratio))
+        grid = projector(ItemShape(1, h, w))
+        n = grid.num_tokens
+        return TokenCount(base + n, base + (grid.h * (grid.w + 1) if grid.is_grid else n + 1))
 
     # -- images ------------------------------------------------------------------------------------------
     def _image_parts(self, call: dict[str, Any]) -> list[list[_Part]]:

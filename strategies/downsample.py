@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from tokcomp.contracts import VisualStrategy
+from tokcomp.contracts import ItemShape, ShapeStep, VisualStrategy
 from tokcomp.errors import RuntimeStateError, ScheduleError
 from tokcomp.tokens import FrameGrid, VisualItemTokens, VisualTokens
 
@@ -144,6 +144,16 @@ class Downsample(VisualStrategy):
         """Nothing beyond the base checks: the target side is rounded to the unit."""
         super().validate(stage, adapter)
 
+    def target(self, side: int, multiple: int) -> int:
+        """The pooled length of a side: ``side / factor`` rounded down to the unit, at least one unit."""
+        return max(multiple, int(side / self.factor) // multiple * multiple) if side >= multiple else side
+
+    def output_shape(self, shape: ItemShape, step: ShapeStep) -> ItemShape | None:
+        """Each side becomes `target`: the size follows from the grid alone."""
+        if not shape.is_grid:
+            raise ScheduleError("downsample needs grids; an earlier stage broke the 2-D layout")
+        return ItemShape(shape.t, self.target(shape.h, step.multiple), self.target(shape.w, step.multiple))
+
     def reduce(self, tokens: VisualTokens) -> VisualTokens:
         """Pool each frame to ``side / factor``."""
         mult = tokens.multiple
@@ -154,8 +164,7 @@ class Downsample(VisualStrategy):
                 if not fr.is_grid:
                     raise RuntimeStateError("downsample needs grids; an earlier stage broke the 2-D layout")
                 h, w = fr.shape
-                oh = max(mult, int(h / self.factor) // mult * mult) if h >= mult else h
-                ow = max(mult, int(w / self.factor) // mult * mult) if w >= mult else w
+                oh, ow = self.target(h, mult), self.target(w, mult)
                 x, size, pos, owner = downsample_grid(fr.x, fr.size, fr.pos, fr.owner, oh, ow, mult,
                                                       weighted=self.weighted)
                 frames.append(FrameGrid(x, size, pos, owner))

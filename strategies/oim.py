@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from tokcomp.contracts import VisualStrategy
+from tokcomp.contracts import ItemShape, ShapeStep, VisualStrategy
 from tokcomp.errors import RuntimeStateError, ScheduleError
 from tokcomp.tokens import FrameGrid, VisualItemTokens, VisualTokens
 
@@ -51,6 +51,7 @@ __all__ = [
     "init_grid_state",
     "oim_merge_lines",
     "oim_merge_pairs",
+    "oim_removed",
     "rate_to_r",
 ]
 
@@ -456,6 +457,29 @@ def oim_merge_pairs(
     return new_x, new_size, new_pos, new_owner
 
 
+def oim_removed(side: int, r: int, multiple: int = 1, mode: str = "lines") -> int:
+    """Lines (``mode="lines"``) or tokens per line (``"pairs"``) that one iteration removes from a side of
+    ``side``: the clamp of `oim_merge_lines` / `oim_merge_pairs`, on sizes only.
+
+    Args:
+        side: Current length of the merged axis.
+        r: Requested removal, a multiple of ``multiple``.
+        multiple: The projector's grid unit.
+        mode: ``"lines"`` or ``"pairs"``.
+
+    Returns:
+        How many lines (tokens per line) disappear; ``side - oim_removed(...)`` is the new side.
+
+    Raises:
+        ValueError: As the merge functions, for ``r`` or ``side`` not divisible by ``multiple``.
+    """
+    _check_multiple(side, r, multiple, "side")
+    if mode == "lines":
+        n_super = side // multiple
+        return (min(r // multiple, math.ceil(n_super / 2)) if n_super >= 2 else 0) * multiple
+    return max(0, min(r, math.ceil(side / 2), side - multiple) // multiple * multiple)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The strategy: applies one OIM iteration per scheduled encoder block, alternating the axis.
 
@@ -527,16 +551,36 @@ class OIM(VisualStrategy):
 
     def reduce(self, tokens: VisualTokens) -> VisualTokens:
         """This block's iteration(s) on every frame of every item."""
-        total = self.iterations or len(tokens.stage_layers)
-        per = -(-total // len(tokens.stage_layers))
-        first = tokens.iteration * per
         info: dict[str, Any] = {"axes": [], "removed": 0}
-        for it in range(first, min(first + per, total)):
+        for it in self._iterations(tokens):
             tokens = self._iterate(tokens, it)
             info["axes"].append(tokens.info["axis"])
             info["removed"] += tokens.info["removed"]
         tokens.info = info
         return tokens
+
+    def _iterations(self, step: ShapeStep | VisualTokens) -> range:
+        total = self.iterations or len(step.stage_layers)
+        per = -(-total // len(step.stage_layers))
+        first = step.iteration * per
+        return range(first, min(first + per, total))
+
+    def _r(self, side: int, mult: int) -> int:
+        r = self.r if self.r is not None else rate_to_r(side, self.rate, mult)
+        r = min(r, max(0, side - mult))
+        return r - r % mult
+
+    def output_shape(self, shape: ItemShape, step: ShapeStep) -> ItemShape | None:
+        """Each iteration removes `oim_removed` lines along its axis: the size follows from the grid alone."""
+        if not shape.is_grid:
+            raise ScheduleError("oim needs grids; an earlier stage broke the 2-D layout")
+        h, w = shape.h, shape.w
+        for it in self._iterations(step):
+            if self.axis_at(it) == "width":
+                w -= oim_removed(w, self._r(w, step.multiple), step.multiple, self.mode)
+            else:
+                h -= oim_removed(h, self._r(h, step.multiple), step.multiple, self.mode)
+        return ItemShape(shape.t, h, w)
 
     def _iterate(self, tokens: VisualTokens, iteration: int) -> VisualTokens:
         axis = self.axis_at(iteration)
@@ -551,9 +595,7 @@ class OIM(VisualStrategy):
                     raise RuntimeStateError("oim needs grids; an earlier stage broke the 2-D layout")
                 h, w = fr.shape
                 side = w if axis == "width" else h
-                r = self.r if self.r is not None else rate_to_r(side, self.rate, mult)
-                r = min(r, max(0, side - mult))
-                r -= r % mult
+                r = self._r(side, mult)
                 if self.metric == "keys" and fr.metric is None:
                     raise RuntimeStateError(f"oim: metric='keys' but no attention keys reached block {tokens.layer}")
                 metric = fr.metric if (self.metric != "hidden" and fr.metric is not None) else fr.x

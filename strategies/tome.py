@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokcomp.contracts import VisualStrategy
+from tokcomp.contracts import ItemShape, ShapeStep, VisualStrategy
 from tokcomp.errors import ScheduleError
 from tokcomp.tokens import FrameGrid, VisualItemTokens, VisualTokens
 
@@ -308,6 +308,14 @@ class ToMe(VisualStrategy):
                     f"tome: r={self.r!r} has {len(self.r)} per-block values but the stage runs at {n} block(s); "
                     f"shorten the list to {n} or schedule more blocks"
                 )
+
+    def output_shape(self, shape: ItemShape, step: ShapeStep) -> ItemShape | None:
+        """Every frame becomes a 1-D list of ``n - min(r, n // 2)`` tokens: ``r`` comes from the parameters
+        and the stage's blocks (any of ToMe's forms), and the clamp from the token count alone (a protected
+        class token in front changes which tokens merge, not how many)."""
+        r = parse_r(len(step.stage_layers), self.r)[step.iteration]
+        n = shape.h * shape.w
+        return ItemShape(shape.t, 1, n - max(0, min(r, n // 2)), is_grid=False)
 
     def reduce(self, tokens: VisualTokens) -> VisualTokens:
         """Merge ``r`` tokens of every frame."""

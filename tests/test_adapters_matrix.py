@@ -31,8 +31,7 @@ from conftest import all_hooks, cached_model
 
 import tokcomp as tc
 from tokcomp import testing
-from tokcomp.compat import cache_of, without_cache
-from tokcomp.contracts import SITES, LLMStrategy, Strategy
+from tokcomp.contracts import SITES, Strategy
 
 # The model class each tiny architecture builds; an adapter covers the architectures whose class it lists.
 TINY_CLASSES = {
@@ -146,84 +145,11 @@ def _uncompressed_visual(model, batch) -> list[int]:
     return run.report().original_visual
 
 
-class _Recorder:
-    """Wraps a strategy instance's ``select`` to note whether any decision merged tokens."""
-
-    def __init__(self, strategy: Strategy) -> None:
-        self.merged = False
-        if isinstance(strategy, LLMStrategy):
-            inner = strategy.select
-
-            def select(view):
-                decision = inner(view)
-                if not isinstance(decision, torch.Tensor) and (
-                    decision.hidden is not None or decision.sizes is not None
-                ):
-                    self.merged = True
-                return decision
-
-            strategy.select = select  # instance attribute: this test's strategy object only
-
-
-def _capture_prefill(model):
-    """A forward pre-hook that keeps the kwargs of the prefill call generate() makes."""
-    calls: list[dict] = []
-
-    def hook(module, args, kwargs):
-        cache = cache_of(kwargs)
-        if cache is None or cache.get_seq_length() == 0:
-            calls.append(dict(kwargs))
-
-    return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def _forward_kwargs(call: dict) -> dict:
-    """A generate() prefill call made into a plain full-logits forward (same ids, positions, features)."""
-    kw = {k: v for k, v in without_cache(call).items() if k not in ("logits_to_keep", "use_cache")}
-    if isinstance(kw.get("mm_encoder_outputs"), dict):
-        kw["mm_encoder_outputs"] = dict(kw["mm_encoder_outputs"])
-    return {**kw, "use_cache": False}
-
-
-def _mask_oracle(model, call: dict, kept: dict[int, torch.Tensor]) -> torch.Tensor:
-    """The unpatched model keeping every token, with the dropped keys masked out from each layer on.
-
-    Independent of the runtime: per layer, a plain 4-D mask "causal on sequence index, key not padding, key
-    still kept at this layer" (plus the diagonal, so no row is empty). Only masks are supplied: the model
-    computes its own positions from the call (1-D ``position_ids``, or Qwen2-VL's 3-D M-RoPE ones), so kept
-    tokens have their original positions in both runs.
-    """
-    lm = model.model.language_model
-    valid = call["attention_mask"].bool()
-    B, L = valid.shape
-    dtype = next(model.parameters()).dtype
-    eager = lm.config._attn_implementation == "eager"
-    handles = []
-    for i, layer in enumerate(lm.layers):
-        keep = torch.zeros(B, L, dtype=torch.bool)
-        for b in range(B):
-            idx = kept[i][b]
-            keep[b, idx[idx >= 0]] = True
-        pos = torch.arange(L)
-        allowed = (pos[None, :] <= pos[:, None])[None] & (valid & keep)[:, None, :]
-        allowed = (allowed | torch.eye(L, dtype=torch.bool)[None])[:, None]
-        mask = (
-            torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-            if eager
-            else allowed
-        )
-
-        def hook(mod, args, kwargs, mask=mask):
-            kwargs["attention_mask"] = mask
-            return args, kwargs
-
-        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            return model(**_forward_kwargs(call)).logits
-    finally:
-        for h in handles:
-            h.remove()
+# The oracles are tokcomp.testing's public helpers (plugin authors run the same ones).
+_Recorder = testing.MergeRecorder
+_capture_prefill = testing.capture_prefill
+_forward_kwargs = testing.forward_kwargs
+_mask_oracle = testing.masked_logits
 
 
 # --------------------------------------------------------------------------------------------------------

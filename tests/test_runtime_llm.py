@@ -26,44 +26,7 @@ def _images():
     return [[testing.make_image(224, 168, seed=1)], [testing.make_image(140, 196, seed=2)], []]
 
 
-def _mask_oracle(model, inputs, run_keep: dict[int, torch.Tensor]):
-    """The unpatched model, every token kept, but from each layer on the dropped keys are masked out.
-
-    Written independently of the runtime: a plain 4-D mask per layer from the kept original positions.
-    """
-    lm = model.model.language_model
-    valid = inputs["attention_mask"].bool()
-    B, L = valid.shape
-    impl = lm.config._attn_implementation
-    handles = []
-    for i, layer in enumerate(lm.layers):
-        if i not in run_keep:
-            continue
-        kept = torch.zeros(B, L, dtype=torch.bool)
-        idx = run_keep[i]
-        for b in range(B):
-            kept[b, idx[b][idx[b] >= 0]] = True
-        pos = torch.arange(L)
-        allowed = (pos[None, :] <= pos[:, None])[None] & (valid & kept)[:, None, :]
-        allowed |= torch.eye(L, dtype=torch.bool)[None]
-        allowed = allowed[:, None]
-        if impl == "eager":
-            dtype = next(model.parameters()).dtype
-            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-        else:
-            mask = allowed
-
-        def hook(mod, args, kwargs, mask=mask):
-            kwargs["attention_mask"] = mask
-            return args, kwargs
-
-        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            return model(**inputs).logits
-    finally:
-        for h in handles:
-            h.remove()
+_mask_oracle = testing.masked_logits  # the drop-equals-mask oracle, shared with plugin authors
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

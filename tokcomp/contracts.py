@@ -24,13 +24,17 @@ __all__ = [
     "SITES",
     "Adapter",
     "AttentionParts",
+    "CountItem",
+    "ItemShape",
     "LLMDecision",
     "LLMStrategy",
     "LLMView",
     "Projections",
     "SampleLayout",
+    "ShapeStep",
     "Site",
     "Strategy",
+    "TokenCount",
     "VisualItem",
     "VisualStrategy",
 ]
@@ -305,9 +309,28 @@ class VisualStrategy(Strategy):
     metric: str = "hidden"
     proportional_attention: bool = False
 
+    count_reason: ClassVar[str] = "its output size depends on the data"
+    """Why `output_shape` cannot say the size in advance (quoted when `tokcomp.counts` refuses a stage)."""
+
     def reduce(self, tokens: Any) -> Any:
         """Return a smaller `tokcomp.tokens.VisualTokens` (same items, fewer tokens per frame)."""
         raise NotImplementedError
+
+    def output_shape(self, shape: ItemShape, step: ShapeStep) -> ItemShape | None:
+        """The shape `reduce` will return for an item of ``shape``, computed without any tensor.
+
+        Strategies whose output size depends only on the input size and their parameters implement it, so
+        that serving engines can size placeholder runs before the encoder runs (`tokcomp.counts`); the
+        tests hold the runtime to it. Default: None, "not predictable" (then `count_reason` says why).
+
+        Args:
+            shape: The item's shape entering the stage (every frame has the same ``h x w``).
+            step: Where the stage runs (site, block, the stage's blocks, the grid unit).
+
+        Returns:
+            The item's shape after the stage, or None when it depends on the data.
+        """
+        return None
 
     def validate(self, stage: Stage, adapter: Adapter) -> None:
         """A grid-breaking strategy cannot feed a projector that needs the grid; keys need an earlier block."""
@@ -509,6 +532,24 @@ class Adapter:
         """How the LLM input follows what the vision tower emitted (see `LLMInput`)."""
         raise NotImplementedError
 
+    # -- count functions (`tokcomp.counts`) ---------------------------------------------------------------
+    def count_items(self, call: dict[str, Any]) -> list[list[CountItem]]:
+        """Per sample, its visual items (`CountItem`, prompt order) from a processor output or model call.
+
+        Implemented by adapters whose encoder-side counts can be predicted (`tokcomp.counts`).
+        """
+        raise NotImplementedError(f"the {self.name!r} adapter does not describe its items for count functions")
+
+    def predict_tokens(self, item: CountItem, encoder: ShapeFn, projector: ShapeFn) -> TokenCount:
+        """The tokens ``item`` puts in front of the LLM when its encoder-site grids go through ``encoder`` and its
+        projector-site grids through ``projector``, with the architecture's own rules between and after them
+        (a patch merger, pixel shuffle, stitching, pooling, newline tokens).
+
+        Raises:
+            tokcomp.errors.ScheduleError: The count depends on the data for this item (the message says why).
+        """
+        raise NotImplementedError(f"the {self.name!r} adapter cannot predict its token counts")
+
 
 @dataclass
 class LLMInput:
@@ -528,3 +569,91 @@ class LLMInput:
     keep: torch.Tensor
     position_ids: torch.Tensor | None = None
     decode_shift: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Count functions: token counts known before the encoder runs (`tokcomp.counts`)
+
+
+@dataclass(frozen=True)
+class ItemShape:
+    """The shape of one visual item at a site: what a count function sees instead of tensors.
+
+    Attributes:
+        t: Frames (1 for an image or a tile).
+        h: Rows of every frame's grid (1 once a strategy broke the grid).
+        w: Columns of every frame's grid (the token count per frame once the grid is broken).
+        is_grid: False after a strategy that does not keep the 2-D layout (ToMe).
+    """
+
+    t: int
+    h: int
+    w: int
+    is_grid: bool = True
+
+    @property
+    def num_tokens(self) -> int:
+        """``t * h * w``."""
+        return self.t * self.h * self.w
+
+
+@dataclass(frozen=True)
+class ShapeStep:
+    """Where a stage's `VisualStrategy.output_shape` is asked about (the shape-only `VisualTokens` fields).
+
+    Attributes:
+        site: ``"encoder"`` or ``"projector"``.
+        layer: Encoder block at whose input the stage runs (the projector: the number of blocks).
+        num_layers: Encoder depth.
+        stage_layers: The stage's sorted blocks (``(0,)`` at the projector).
+        multiple: Grid sides must stay divisible by this (the adapter's unit at the encoder site, else 1).
+    """
+
+    site: str
+    layer: int
+    num_layers: int
+    stage_layers: tuple[int, ...]
+    multiple: int = 1
+
+    @property
+    def iteration(self) -> int:
+        """Index of ``layer`` in the stage's layers (0 for the first), as `VisualTokens.iteration`."""
+        return self.stage_layers.index(self.layer) if self.layer in self.stage_layers else 0
+
+
+@dataclass(frozen=True)
+class CountItem:
+    """One image or video as the processor described it, in the adapter's units (see each adapter's
+    `Adapter.count_items`).
+
+    Attributes:
+        kind: ``"image"`` or ``"video"``.
+        grid: ``(t, h, w)``: Qwen-VL the ``image_grid_thw``/``video_grid_thw`` row (patches); InternVL
+            ``(tiles, S/p, S/p)``; LLaVA ``(1, S/p, S/p)``; LLaVA-OneVision ``(frames, S/p, S/p)`` for a
+            video, ``(1, S/p, S/p)`` for an image.
+        image_size: LLaVA-OneVision: ``(height, width)`` of the picture in pixels (its AnyRes layout).
+        multi_image: LLaVA-OneVision: the image belongs to a sample with several images (base tile only).
+    """
+
+    kind: str
+    grid: tuple[int, int, int]
+    image_size: tuple[int, int] | None = None
+    multi_image: bool = False
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """How many tokens one item puts in front of the LLM.
+
+    Attributes:
+        visual: Visual tokens (what ``run.report()`` counts; LLM-side stages may remove them later).
+        placeholders: Prompt slots of the item's placeholder run(s): ``visual`` plus the architecture's own
+            extra tokens (LLaVA-OneVision's newlines, LLaVA's CLS with the ``"full"`` feature strategy).
+    """
+
+    visual: int
+    placeholders: int
+
+
+ShapeFn = Callable[[ItemShape], ItemShape]
+"""The composed stages of one site, as `tokcomp.counts` hands them to `Adapter.predict_tokens`."""

@@ -87,8 +87,18 @@ from transformers.video_utils import make_batched_videos
 
 __all__ = [
     "ARCHITECTURES",
+    "ORACLE_ATOL",
+    "ORACLE_RTOL",
+    "MergeRecorder",
     "batch_item",
+    "capture_prefill",
+    "check_batch_equals_samples",
+    "check_drop_equals_mask",
+    "check_llm_strategy",
+    "forward_kwargs",
     "make_image",
+    "masked_logits",
+    "oracle_batch",
     "tiny_config",
     "tiny_inputs",
     "tiny_model",
@@ -1195,3 +1205,259 @@ def save_tiny_pretrained(
     (path / "processor_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     (path / "chat_template.jinja").write_text(template)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Oracles for LLM-side strategies (used by tokcomp's own tests and offered to plugin authors)
+# ---------------------------------------------------------------------------------------------------------
+ORACLE_ATOL = 2e-4
+"""Absolute tolerance of the oracles on the logits of the tiny float32 models."""
+ORACLE_RTOL = 1e-4
+"""Relative tolerance of the oracles."""
+
+_ORACLE_GEN = {"max_new_tokens": 3, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+
+
+def capture_prefill(model: torch.nn.Module) -> tuple[list[dict[str, Any]], Any]:
+    """Record the keyword arguments of every prefill call ``generate()`` makes to ``model``.
+
+    Returns:
+        ``(calls, handle)``: the list the calls are appended to, and the hook handle (``handle.remove()``).
+    """
+    from tokcomp.compat import cache_of
+
+    calls: list[dict[str, Any]] = []
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = cache_of(kwargs)
+        if cache is None or cache.get_seq_length() == 0:
+            calls.append(dict(kwargs))
+
+    return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def forward_kwargs(call: dict[str, Any]) -> dict[str, Any]:
+    """A model call (a ``generate()`` prefill call, or a processor output) made into a plain forward that
+    returns every position's logits: the same ids, positions and features, no cache."""
+    from tokcomp.compat import without_cache
+
+    kw = {k: v for k, v in without_cache(dict(call)).items() if k not in ("logits_to_keep", "use_cache")}
+    if isinstance(kw.get("mm_encoder_outputs"), dict):
+        kw["mm_encoder_outputs"] = dict(kw["mm_encoder_outputs"])
+    return {**kw, "use_cache": False}
+
+
+def masked_logits(model: torch.nn.Module, call: dict[str, Any], kept: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The drop-equals-mask oracle: the *unpatched* model keeping every token, with the keys a run dropped
+    masked out of attention from each layer on.
+
+    Independent of tokcomp's runtime: per decoder layer a plain 4-D mask "causal on sequence index, key not
+    padding, key still kept at this layer" (plus the diagonal, so no row is empty) replaces the layer's
+    attention mask. Only masks change: the model computes its own positions, so kept tokens have their
+    original positions in both runs.
+
+    Args:
+        model: A tiny model (``model.model.language_model.layers``), outside any ``tokcomp.compress`` block.
+        call: The keyword arguments of the compressed run's forward (see `capture_prefill`).
+        kept: ``{layer: (B, S) original sequence index of each slot present at the layer's input, -1 for an
+            empty slot}``, as ``run.kept_positions(layer)`` gives it; layers missing keep every token.
+
+    Returns:
+        ``(B, L, vocab)`` logits at every original position.
+    """
+    lm = model.model.language_model
+    valid = call["attention_mask"].bool()
+    B, L = valid.shape
+    dtype = next(model.parameters()).dtype
+    eager = lm.config._attn_implementation == "eager"
+    handles = []
+    for i, layer in enumerate(lm.layers):
+        if i not in kept:
+            continue
+        keep = torch.zeros(B, L, dtype=torch.bool)
+        for b in range(B):
+            idx = kept[i][b]
+            keep[b, idx[idx >= 0]] = True
+        pos = torch.arange(L)
+        allowed = (pos[None, :] <= pos[:, None])[None] & (valid & keep)[:, None, :]
+        allowed = (allowed | torch.eye(L, dtype=torch.bool)[None])[:, None]
+        mask = (
+            torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+            if eager
+            else allowed
+        )
+
+        def hook(mod: torch.nn.Module, args: tuple, kwargs: dict, mask: torch.Tensor = mask) -> tuple[tuple, dict]:
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            return model(**forward_kwargs(call)).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class MergeRecorder:
+    """Wraps one strategy instance's ``select`` to note whether any of its decisions merged tokens (then
+    dropping is not masking, and the drop-equals-mask oracle does not apply).
+
+    Attributes:
+        merged: Some decision carried new hidden states or sizes.
+    """
+
+    def __init__(self, strategy: Any) -> None:
+        self.merged = False
+        inner = getattr(strategy, "select", None)
+        if inner is None:
+            return
+
+        def select(view: Any) -> Any:
+            decision = inner(view)
+            if getattr(decision, "hidden", None) is not None or getattr(decision, "sizes", None) is not None:
+                self.merged = True
+            return decision
+
+        strategy.select = select  # an instance attribute: this strategy object only
+
+
+def oracle_batch(arch: str) -> BatchFeature:
+    """The oracles' batch: two samples with different pictures and prompt lengths, left-padded."""
+    images = [[make_image(224, 168, seed=1)], [make_image(140, 196, seed=2)]]
+    return tiny_inputs(arch, images)
+
+
+def check_batch_equals_samples(model: torch.nn.Module, schedule: Any, batch: BatchFeature | None = None,
+                               *, atol: float = ORACLE_ATOL, rtol: float = ORACLE_RTOL) -> Any:
+    """Assert that ``generate()`` under ``schedule`` on a padded batch equals each sample generated alone
+    (first-step logits within tolerance, the same greedy tokens), and that visual tokens were removed.
+
+    Args:
+        model: A tiny model (`tiny_model`).
+        schedule: Anything `tokcomp.compress` takes.
+        batch: A `tiny_inputs` batch; default `oracle_batch` of the model's architecture.
+        atol: Absolute tolerance on the logits.
+        rtol: Relative tolerance.
+
+    Returns:
+        The batch run's `tokcomp.Report`.
+
+    Raises:
+        AssertionError: Saying which sample differs, or that nothing was removed.
+    """
+    import tokcomp as tc
+
+    batch = oracle_batch(model.config.model_type) if batch is None else batch
+    L = batch["input_ids"].shape[1]
+    with torch.no_grad(), tc.compress(model, schedule) as run:
+        out = model.generate(**batch, **_ORACLE_GEN)
+        rep = run.report()
+        singles = [model.generate(**batch_item(batch, i), **_ORACLE_GEN) for i in range(batch["input_ids"].shape[0])]
+    base = rep.baseline_visual
+    for b, n in enumerate(base):
+        fewest = min(row[b] for row in rep.visual_tokens)
+        assert fewest < n, f"sample {b}: no visual token was removed ({rep.visual_tokens}); the check is vacuous"
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(out.logits[0][i], single.logits[0][0], atol=atol, rtol=rtol,
+                                   msg=lambda m, i=i: f"sample {i}: batch differs from the sample alone: {m}")
+        n = single.sequences.shape[1] - _ORACLE_GEN["max_new_tokens"]
+        assert torch.equal(out.sequences[i, L:], single.sequences[0, n:]), f"sample {i}: greedy tokens differ"
+    return rep
+
+
+def check_drop_equals_mask(model: torch.nn.Module, stage: Any, batch: BatchFeature | None = None,
+                           *, atol: float = ORACLE_ATOL, rtol: float = ORACLE_RTOL) -> bool:
+    """Assert that physically dropping tokens (one LLM-site ``stage``, run by ``generate()``) gives the
+    logits of the unpatched model that keeps them and masks them out (`masked_logits`), at every kept slot.
+
+    Args:
+        model: A tiny model (`tiny_model`).
+        stage: A `tokcomp.Stage` at site ``"llm"``.
+        batch: A `tiny_inputs` batch; default `oracle_batch` of the model's architecture.
+        atol: Absolute tolerance on the logits.
+        rtol: Relative tolerance.
+
+    Returns:
+        True when checked; False when the strategy merged tokens (the oracle does not apply to merges).
+
+    Raises:
+        AssertionError: The logits differ, or nothing was removed.
+    """
+    import tokcomp as tc
+
+    batch = oracle_batch(model.config.model_type) if batch is None else batch
+    strategy = stage.build_strategy()
+    recorder = MergeRecorder(strategy)
+    own = tc.Stage(strategy, site=stage.site, layers=stage.layers)
+    calls, handle = capture_prefill(model)
+    try:
+        with torch.no_grad(), tc.compress(model, tc.Schedule([own])) as run:
+            model.generate(**batch, **_ORACLE_GEN)
+            call = calls[0]
+            dropped = model(**forward_kwargs(call)).logits  # the same prefill, every position's logits
+            kept = {i: run.kept_positions(i) for i in range(run.adapter.num_layers)}
+    finally:
+        handle.remove()
+    if recorder.merged:
+        return False
+    final = kept[max(kept)]
+    assert final.shape[1] < call["input_ids"].shape[1], "nothing was removed: the check would be vacuous"
+    masked = masked_logits(model, call, kept)
+    valid = call["attention_mask"].bool()
+    for b in range(final.shape[0]):
+        slots = (final[b] >= 0) & valid[b, final[b].clamp(min=0)]
+        torch.testing.assert_close(dropped[b, slots], masked[b, final[b][slots]], atol=atol, rtol=rtol,
+                                   msg=lambda m, b=b: f"sample {b}: dropping differs from masking: {m}")
+    return True
+
+
+def check_llm_strategy(
+    strategy: Any,
+    archs: Sequence[str] = ("qwen2_vl", "llava"),
+    *,
+    layers: Sequence[int] | None = None,
+    attn_implementations: Sequence[str] = ("sdpa",),
+) -> dict[str, dict[str, str]]:
+    """Check an LLM-side strategy with tokcomp's two oracles on tiny models: a batch equals its samples, and
+    dropping equals masking. This is what tokcomp's own tests hold every built-in strategy to.
+
+    Args:
+        strategy: A strategy instance, class or registered name (`tokcomp.Stage` takes any of them).
+        archs: Architectures of `tiny_model` to run on (see `ARCHITECTURES`).
+        layers: The stage's LLM layers (the tiny LLMs have 4); default the strategy's ``default_layers``.
+        attn_implementations: ``"sdpa"`` and/or ``"eager"``.
+
+    Returns:
+        ``{"arch/attn": {"batch_equals_samples": "passed", "drop_equals_mask": "passed" or "not applicable:
+        the strategy merges tokens"}}``.
+
+    Raises:
+        AssertionError: An oracle failed (the message names the architecture, the sample and the check).
+        tokcomp.ScheduleError: The strategy is not valid on one of the models.
+
+    Examples:
+        >>> from tokcomp.strategies import FastV
+        >>> result = check_llm_strategy(FastV(keep_ratio=0.5), archs=["llava"], layers=[2])
+        >>> result["llava/sdpa"]["drop_equals_mask"]
+        'passed'
+    """
+    import tokcomp as tc
+
+    results: dict[str, dict[str, str]] = {}
+    for arch in archs:
+        for attn in attn_implementations:
+            model = tiny_model(arch, attn_implementation=attn)
+            stage = tc.Stage(strategy, site="llm", layers=None if layers is None else list(layers))
+            key = f"{arch}/{attn}"
+            try:
+                check_batch_equals_samples(model, tc.Schedule([stage]))
+                dropped = check_drop_equals_mask(model, stage)
+            except AssertionError as exc:
+                raise AssertionError(f"{key}: {exc}") from None
+            results[key] = {
+                "batch_equals_samples": "passed",
+                "drop_equals_mask": "passed" if dropped else "not applicable: the strategy merges tokens",
+            }
+    return results
