@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tokcomp import bench, viz
+    from tokcomp import bench, evaluate, viz
 
     if args.command == "bench":
         return bench.cli(args)
