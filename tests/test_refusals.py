@@ -18,7 +18,7 @@ from tokcomp.strategies import OIM, SPU, FastV, ToMe
 
 import tokcomp as tc
 from tokcomp import registry, testing
-from tokcomp.tokens import VisualTokens
+from tokcomp.tokens import VisualItemTokens, VisualTokens
 
 
 def _refused(data, *needles, error=tc.ScheduleError):
@@ -263,6 +263,8 @@ class _BadVisual(tc.contracts.VisualStrategy):
         items = list(out.items)
         if self.how == "reorder":
             items = items[::-1]
+        elif self.how == "fresh-reorder":  # new grid tuples: the order cannot be traced through `original`
+            items = [VisualItemTokens(it.kind, it.frames, tuple(it.original)) for it in items[::-1]]
         elif self.how == "drop":
             items = items[:-1]
         elif self.how == "grow":
@@ -274,6 +276,7 @@ class _BadVisual(tc.contracts.VisualStrategy):
 @pytest.mark.parametrize(
     ("how", "needle"),
     [("reorder", "output item 0 is input item 1 (the items are reordered)"),
+     ("fresh-reorder", "output item 0 does not carry its input item's original grid object"),
      ("drop", "returned 1 items for the 2"),
      ("grow", "returned 4 items for the 2")],
 )

@@ -15,8 +15,8 @@ come back in another order would give one sample another sample's image).
 Item order is checked through the item's ``original`` grid: before the strategy runs, each input item's
 ``original`` is replaced by an equal tuple that also carries the item's index. Strategies build output
 items with ``VisualItemTokens(it.kind, frames, it.original)`` (or ``dataclasses.replace``), which carries
-the index along, so an item that arrives in another slot is caught. (An item built with a new grid tuple
-is matched by position and checked for kind, grid and counts only.)
+the index along, so an item that arrives in another slot is caught. An item built with a new grid tuple
+is refused: with two images of one grid nothing else could tell a reordered result from a right one.
 """
 
 from __future__ import annotations
@@ -140,7 +140,13 @@ def checked_reduce(label: str, strategy: Any, tokens: VisualTokens) -> VisualTok
         )
     for j, (it, old) in enumerate(zip(out.items, given)):
         key = getattr(it.original, "key", None)
-        if key is not None and key != j:
+        if key is None:
+            raise StrategyOutputError(
+                f"{where}: output item {j} does not carry its input item's original grid object; build output "
+                "items as VisualItemTokens(it.kind, frames, it.original) or dataclasses.replace(it, ...), so that "
+                "their order can be checked (a reordered result gives one sample another sample's image)"
+            )
+        if key != j:
             raise StrategyOutputError(
                 f"{where}: output item {j} is input item {key} (the items are reordered); return the items in "
                 "the order given, or each sample would receive another sample's image"
