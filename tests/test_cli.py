@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tokcomp import cli, testing, vqa
 from tokcomp.flops import LayerShape, llm_prefill_flops
 from tokcomp.testing import tiny_config, tiny_inputs
@@ -75,3 +77,32 @@ def test_list(capsys):
     out = capsys.readouterr().out
     for name in ("spu", "oim", "fastv", "pact", "vtw", "tome", "random", "qwen2_vl", "luvc"):
         assert name in out
+
+
+def test_version_and_python_dash_m(capsys):
+    import subprocess
+    import sys
+
+    import tokcomp
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"tokcomp {tokcomp.__version__}"
+    proc = subprocess.run([sys.executable, "-m", "tokcomp", "--version"], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"tokcomp {tokcomp.__version__}"
+
+
+@pytest.mark.parametrize("command", ["demo", "bench", "eval", "visualize"])
+def test_every_option_help_shows_its_default(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.count("(default:") >= 2, text
+
+
+def test_bad_choice_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", "--arch", "gpt2"])
+    assert info.value.code == 2 and "invalid choice: 'gpt2'" in capsys.readouterr().err

@@ -233,25 +233,32 @@ def _print_random_demo(res: RandomDemoResult) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tokcomp`` console script."""
-    parser = argparse.ArgumentParser(prog="tokcomp", description="visual-token compression for VLMs")
+    from tokcomp import __version__
+    from tokcomp.testing import ARCHITECTURES
+
+    # Every option's help shows its default (the formatter appends it to each help text).
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="tokcomp", description="visual-token compression for VLMs",
+                                     formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"tokcomp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="answer held-out questions with the trained model, with and without "
+    demo = sub.add_parser("demo", formatter_class=fmt, help="answer held-out questions with the trained model, with and without "
                           "compression")
-    demo.add_argument("--preset", default="spu")
+    demo.add_argument("--preset", default="spu", help="a registered preset (tokcomp list shows them)")
     demo.add_argument("--examples", type=int, default=70, help="held-out questions to score")
     demo.add_argument("--model", default=None, help="a checkpoint folder instead of the shipped model")
-    demo.add_argument("--arch", default=None, help="instead: a tiny random-weight model of this architecture "
+    demo.add_argument("--arch", default=None, choices=ARCHITECTURES, help="instead: a tiny random-weight model of this architecture "
                       "(tokcomp.testing), the pipeline only")
     demo.add_argument("--new-tokens", type=int, default=8, help="with --arch: greedy tokens")
     demo.add_argument("--layers", type=int, default=8, help="with --arch: LLM depth")
     demo.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    sub.add_parser("list", help="registered strategies, adapters and presets")
+    sub.add_parser("list", formatter_class=fmt, help="registered strategies, adapters and presets")
     from tokcomp import bench, evaluate, viz  # measurement commands (tokcomp.bench, .evaluate, .viz)
 
-    bench.add_arguments(sub.add_parser("bench", help="time a schedule against the uncompressed model"))
-    evaluate.add_arguments(sub.add_parser("eval", help="accuracy per question type under every schedule "
+    bench.add_arguments(sub.add_parser("bench", formatter_class=fmt, help="time a schedule against the uncompressed model"))
+    evaluate.add_arguments(sub.add_parser("eval", formatter_class=fmt, help="accuracy per question type under every schedule "
                                           "(trained model, synthetic VQA)"))
-    viz.add_arguments(sub.add_parser("visualize", help="draw which image patches survive each stage (PNG)"))
+    viz.add_arguments(sub.add_parser("visualize", formatter_class=fmt, help="draw which image patches survive each stage (PNG)"))
     args = parser.parse_args(argv)  # bad arguments: argparse prints the usage and exits with status 2
     try:
         return _run(args)
