@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import all_hooks, cached_model
+from conftest import all_hooks, cached_model, needs_precomputed_features
 from einops import rearrange
 from test_adapters_matrix import _layouts_in_generate, _mask_oracle, _same_layouts
 from test_encoder_qwen import _shrunk
@@ -128,6 +128,7 @@ _ENCODER_STAGES = {
 }
 
 
+@needs_precomputed_features
 @pytest.mark.parametrize(
     ("arch", "stage"),
     [pytest.param("qwen3_vl", f, id=f"qwen3_vl-{k}") for k, f in _ENCODER_STAGES.items()]

@@ -7,11 +7,13 @@ uncompressed model's, the visual tokens it really kept (over the LLM layers, fro
 the measured prefill speed-up: the time to the first generated token, the uncompressed model being
 timed on the same batches in the same process, interleaved with the schedules.
 
-Typical use::
+Typical use:
 
-    tokcomp eval                                   # shipped model, presets + every strategy at 50/25/11%
-    tokcomp eval -s fastv -s my_plugin:schedule --budgets 0.5 --examples 140 --out results/
-    tokcomp eval --model path/to/checkpoint        # a folder written by `python -m tokcomp.train`
+```bash
+tokcomp eval                                   # shipped model, presets + every strategy at 50/25/11%
+tokcomp eval -s fastv -s my_plugin:schedule --budgets 0.5 --examples 140 --out results/
+tokcomp eval --model path/to/checkpoint        # a folder written by `python -m tokcomp.train`
+```
 
 Examples:
     >>> from tokcomp.evaluate import wilson

@@ -8,10 +8,12 @@ question and then one question of every other type about the same picture (`extr
 pass of the vision tower gives up to seven supervised answers. The loss is on the answer words and the
 end-of-sequence tokens only. Weights start from a unit-gain initialisation (`init_weights`).
 
-Run it with::
+Run it with:
 
-    python -m tokcomp.train --out DIR            # the shipped checkpoint's recipe (see TrainConfig)
-    python -m tokcomp.train --out DIR --steps 20 # a quick check
+```bash
+python -m tokcomp.train --out DIR            # the shipped checkpoint's recipe (see TrainConfig)
+python -m tokcomp.train --out DIR --steps 20 # a quick check
+```
 
 Training is deterministic for a given seed and thread count (the same ``torch`` build and thread
 count give the same weights). The folder written is a ``save_pretrained`` model (safetensors) plus the

@@ -116,7 +116,10 @@ def _without_video(cls: type[ProcessorMixin], path: str | os.PathLike[str], **kw
         elif name == "tokenizer":
             args.append(AutoTokenizer.from_pretrained(path, **hub))
         elif name == "image_processor":
-            args.append(AutoImageProcessor.from_pretrained(path, **kwargs))
+            # Without torchvision ask for the PIL backend by name: 5.23+ falls back to it by itself, 5.17
+            # raises instead of falling back.
+            pil = {} if is_torchvision_available() or "backend" in kwargs else {"backend": "pil"}
+            args.append(AutoImageProcessor.from_pretrained(path, **pil, **kwargs))
         else:
             raise RuntimeError(
                 f"{cls.__name__} needs a {name!r}, which load_processor cannot build without torchvision; "
