@@ -13,6 +13,7 @@ processor. Video inputs then raise a clear error instead of failing deep inside 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from functools import cache
@@ -83,6 +84,40 @@ def load_processor(path: str | os.PathLike[str], **kwargs: Any) -> ProcessorMixi
     return _without_video(cls, path, **kwargs)
 
 
+def _image_processor(path: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """The folder's image processor; without torchvision its ``*ImageProcessorPil`` class.
+
+    transformers 5.18+ falls back to the PIL backend by itself. In 5.17 ``AutoImageProcessor`` is a
+    placeholder that raises without torchvision, so the PIL class named by the folder's processor settings
+    is loaded directly.
+    """
+    try:
+        return AutoImageProcessor.from_pretrained(path, **kwargs)
+    except ImportError:
+        if is_torchvision_available():
+            raise
+    import transformers
+    from transformers.utils import cached_file
+
+    hub = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+    name = None
+    for file in ("preprocessor_config.json", "processor_config.json"):
+        with contextlib.suppress(Exception):
+            with open(cached_file(path, file, **hub), encoding="utf-8") as f:
+                settings = json.load(f)
+            settings = settings.get("image_processor", settings)
+            name = settings.get("image_processor_type")
+            if name:
+                break
+    cls = getattr(transformers, f"{name.removesuffix('Pil')}Pil", None) if name else None
+    if cls is None:
+        raise ImportError(
+            f"{path}: no PIL image processor found for {name!r} and torchvision is not installed; "
+            "install torchvision (with a matching torch build) to load this processor"
+        )
+    return cls.from_dict(settings, **{k: v for k, v in kwargs.items() if k not in _HUB_KWARGS})
+
+
 def _processor_class(path: str | os.PathLike[str], **kwargs: Any) -> type[ProcessorMixin] | None:
     """The processor class a folder names (its processor config), else the one its model type maps to."""
     import transformers
@@ -116,10 +151,7 @@ def _without_video(cls: type[ProcessorMixin], path: str | os.PathLike[str], **kw
         elif name == "tokenizer":
             args.append(AutoTokenizer.from_pretrained(path, **hub))
         elif name == "image_processor":
-            # Without torchvision ask for the PIL backend by name: 5.23+ falls back to it by itself, 5.17
-            # raises instead of falling back.
-            pil = {} if is_torchvision_available() or "backend" in kwargs else {"backend": "pil"}
-            args.append(AutoImageProcessor.from_pretrained(path, **pil, **kwargs))
+            args.append(_image_processor(path, **kwargs))
         else:
             raise RuntimeError(
                 f"{cls.__name__} needs a {name!r}, which load_processor cannot build without torchvision; "
