@@ -191,28 +191,11 @@ def test_generate_removes_tokens_and_batch_equals_samples(strategy, adapter, arc
 )
 def test_drop_equals_mask(strategy, adapter, arch, site, attn):
     model = cached_model(arch, attn)
-    batch = _batch(arch)
     stage = _stage(strategy, site)
-    instance = stage.build_strategy()
-    recorder = _Recorder(instance)
-    calls, handle = _capture_prefill(model)
-    try:
-        with torch.no_grad(), _compress(model, _stage(strategy, site, instance)) as run:
-            model.generate(**batch, **GEN)
-            call = calls[0]
-            dropped = model(**_forward_kwargs(call)).logits  # the same prefill, every position's logits
-            kept = {i: run.kept_positions(i) for i in range(run.adapter.num_layers)}
-    finally:
-        handle.remove()
-    if recorder.merged:
+    _compress(model, stage)  # a combination the validator rejects by design is skipped here
+    # the public oracle plugin authors run (tokcomp.testing); it asserts that something was removed
+    if not testing.check_drop_equals_mask(model, stage, _batch(arch), atol=ATOL, rtol=RTOL):
         pytest.skip(f"{strategy} merges tokens: dropping is not masking, the oracle does not apply")
-    final = kept[run.adapter.num_layers - 1]
-    assert final.shape[1] < call["input_ids"].shape[1], "nothing was removed: the check would be vacuous"
-    masked = _mask_oracle(model, call, kept)
-    valid = call["attention_mask"].bool()
-    for b in range(final.shape[0]):
-        slots = (final[b] >= 0) & valid[b, final[b].clamp(min=0)]
-        torch.testing.assert_close(dropped[b, slots], masked[b, final[b][slots]], atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("attn", ATTN)
