@@ -457,17 +457,12 @@ def shape_config(
     return config
 
 
-@torch.no_grad()
 def _redraw(model: torch.nn.Module) -> None:
     # The rule of tokcomp.testing.tiny_model: N(0, 1/fan_in) for matrices, N(0, 1) for embeddings, so
     # activations stay near unit variance at any width (HF's 0.02 default gives near-uniform logits).
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)):
-            module.weight.normal_(0.0, 1.0 / math.sqrt(module.weight[0].numel()))
-        elif isinstance(module, torch.nn.Embedding):
-            module.weight.normal_(0.0, 1.0)
-            if module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
+    from .train import init_weights  # the one definition of that rule (the trained model starts from it)
+
+    init_weights(model)
 
 
 def shape_model(
