@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
@@ -50,6 +51,55 @@ def test_training_batches_supervise_only_answers():
     assert ((batch["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).sum(-1) == 144).all()
 
 
+def test_answer_loss_is_the_library_loss_and_dense_adds_the_soft_cross_entropy():
+    cfg = train.TrainConfig(hidden=32, layers=2, intermediate=64, vision_width=16, vision_heads=2)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(train.model_config(cfg))
+    processor = train.build_processor()
+    ex = vqa.make_examples(2, seed=1, split="train")
+    batch = train.encode(processor, ex, with_answer=True, extra=[train.extra_questions(e, 0) for e in ex])
+    with torch.no_grad():
+        library = model(**batch).loss
+        ours = train._loss(model, batch, ex, processor, 0.0)
+        both = train._loss(model, batch, ex, processor, 0.5)
+        # By hand: at each visual token, the mean of -log p over its cell's words, averaged over tokens.
+        logp = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.log_softmax(-1)
+    assert torch.allclose(ours, library, atol=1e-5)
+    image = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    terms = []
+    for k, e in enumerate(ex):
+        where = (batch["input_ids"][k] == image).nonzero().flatten().tolist()
+        for pos, words in zip(where, vqa.token_labels(e.scene)):
+            ids = processor.tokenizer.convert_tokens_to_ids(list(words))
+            terms.append(-sum(logp[k, pos, i] for i in ids) / len(ids))
+    assert torch.allclose(both, library + 0.5 * torch.stack(terms).mean(), atol=1e-5)
+
+
+def test_dense_targets_sit_on_the_visual_tokens_in_grid_order():
+    # The auxiliary targets are the cell words of tokcomp.vqa.token_labels, placed on the image-pad tokens
+    # in row-major order; nothing else is a target. Checked against the processor's own grid: the
+    # merged token at (row, col) covers pixels [28 row, 28 row + 28) x [28 col, 28 col + 28).
+    processor = train.build_processor()
+    ex = vqa.make_examples(2, seed=5, split="train")
+    batch = train.encode(processor, ex)
+    target = train.dense_labels(processor, ex, batch["input_ids"])
+    image = batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert target.shape == (*batch["input_ids"].shape, 3)
+    assert torch.equal((target != -100).any(-1), image)
+    assert batch["image_grid_thw"].tolist() == [[1, 24, 24]] * 2
+    tok = processor.tokenizer
+    for k, e in enumerate(ex):
+        cells = [tuple(tok.convert_ids_to_tokens([i for i in row if i >= 0])) for row in target[k][image[k]].tolist()]
+        assert cells == vqa.token_labels(e.scene, 12)
+    # The row-major order is the processor's: merged token j's four patches hold the pixels of cell j.
+    patches = batch["pixel_values"][:576].reshape(144, 4, 3, 2, 14, 14).mean((1, 3, 4, 5))
+    cells = torch.tensor(np.asarray(ex[0].image), dtype=torch.float32).reshape(12, 28, 12, 28, 3)
+    cells = cells.mean((1, 3)).reshape(144, 3)
+    ip = processor.image_processor
+    normed = (cells / 255 - torch.tensor(ip.image_mean)) / torch.tensor(ip.image_std)
+    assert torch.allclose(patches, normed, atol=0.05)
+
+
 @pytest.fixture(scope="module")
 def shipped() -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor]:
     return testing.trained_model()
@@ -84,3 +134,34 @@ def test_shipped_checkpoint_reaches_its_stated_accuracy(shipped):
     assert sum(per["global"]) / len(per["global"]) >= 0.95 and info["accuracy"]["global"] >= 0.95
     chance = sum(vqa.chance_accuracy(e.qtype) for e in held_out) / len(held_out)
     assert sum(right) / len(right) > chance + 0.05
+
+
+def test_token_accuracy_scores_the_cell_words():
+    # A stand-in model whose visual outputs put their mass on given words: all of a cell's words (from
+    # tokcomp.vqa.token_labels, placed by hand here) scores 1 on every kind; only the background colour
+    # everywhere scores 1 on background and 0 on the object colours.
+    processor = train.build_processor()
+    tok = processor.tokenizer
+    ex = vqa.make_examples(3, seed=2, split="train")
+    image = tok.convert_tokens_to_ids("<|image_pad|>")
+
+    class Stub:
+        def __init__(self, everything: bool):
+            self.everything = everything
+
+        def __call__(self, input_ids, **_):
+            # Ties broken towards the special tokens (low ids), which are never a cell's word.
+            logits = -torch.arange(len(tok), dtype=torch.float32).expand(*input_ids.shape, -1) * 1e-3
+            for k, e in enumerate(ex):
+                where = (input_ids[k] == image).nonzero().flatten().tolist()
+                for pos, words in zip(where, vqa.token_labels(e.scene)):
+                    chosen = words if self.everything else (e.scene.background,)
+                    for rank, w in enumerate(chosen):
+                        logits[k, pos, tok.convert_tokens_to_ids(w)] = 10.0 - rank
+            return type("Out", (), {"logits": logits})()
+
+    perfect = train.token_accuracy(Stub(True), processor, ex)
+    assert perfect and all(v == 1.0 for v in perfect.values())
+    assert {"background", "colour", "shape", "digit", "stripes", "cell"} <= set(perfect)
+    blind = train.token_accuracy(Stub(False), processor, ex)
+    assert blind["background"] == 1.0 and blind["colour"] == 0.0 and blind["digit"] == 0.0

@@ -171,3 +171,44 @@ def test_bad_arguments() -> None:
         vqa.make_examples(-1)
     with pytest.raises(ValueError, match="question type"):
         vqa.chance_accuracy("colour")
+
+
+def test_token_labels_name_what_the_pixels_show() -> None:
+    # Oracle from the pixels: a cell named by an object colour holds mostly pixels of that RGB, and an
+    # object of that colour and shape overlaps it; a cell named by a stripe orientation lies on the stripe
+    # patch (black and white pixels only); a cell named by the digit overlaps the digit's box; a cell in
+    # one of the five named cells of the 3x3 grid ends with that name (written out here by hand), a cell
+    # in a corner names nothing; every object is named by some cell.
+    names = {(1, 0): "left", (1, 2): "right", (0, 1): "top", (2, 1): "bottom", (1, 1): "centre"}
+    for ex in vqa.make_examples(14, seed=3, split="train"):
+        labels = vqa.token_labels(ex.scene)
+        assert len(labels) == 144 and all(set(words) <= set(vqa.VOCABULARY) for words in labels)
+        px = np.asarray(ex.image).astype(int)
+        for k, words in enumerate(labels):
+            r, c = divmod(k, 12)
+            where = names.get((r // 4, c // 4))
+            if where:
+                assert words[-1] == where
+                words = words[:-1]
+            word = words[0]
+            x0, y0 = c * 28, r * 28
+            cell = px[y0 : y0 + 28, x0 : x0 + 28].reshape(-1, 3)
+            if word in vqa.COLOURS:
+                assert len(words) == 2
+                assert (np.abs(cell - vqa.COLOURS[word]).sum(-1) < 30).mean() >= 0.25, (ex.index, k, word)
+                assert any(o.colour == word and o.shape == words[1] and o.box()[0] < x0 + 28
+                           and x0 <= o.box()[2] and o.box()[1] < y0 + 28 and y0 <= o.box()[3]
+                           for o in ex.scene.objects)
+            elif word in vqa.STRIPES:
+                bw = (cell.min(-1) == cell.max(-1)) & ((cell[:, 0] == 0) | (cell[:, 0] == 255))
+                assert bw.mean() >= 0.25 and word == ex.scene.stripes.orientation and len(words) == 1
+            elif word.isdigit():
+                d = ex.scene.digit
+                assert word == str(d.value) and len(words) == 1
+                assert d.x < x0 + 28 and x0 < d.x + d.width and d.y < y0 + 28 and y0 < d.y + d.height
+            else:
+                assert words == (ex.scene.background,)
+        for obj in ex.scene.objects:
+            assert (obj.colour, obj.shape) in {w[:2] for w in labels}
+    with pytest.raises(ValueError, match="multiple of 3"):
+        vqa.token_labels(ex.scene, grid=8)

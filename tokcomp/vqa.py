@@ -58,6 +58,7 @@ __all__ = [
     "chance_accuracy",
     "make_examples",
     "render",
+    "token_labels",
 ]
 
 IMAGE_SIZE = 336
@@ -294,6 +295,67 @@ def render(scene: Scene) -> Image.Image:
     patch = np.where(t % s.period < s.period // 2, 0, 255).astype(np.uint8)
     image.paste(Image.fromarray(np.repeat(patch[..., None], 3, axis=2), mode="RGB"), (s.x, s.y))
     return image
+
+
+def token_labels(scene: Scene, grid: int = 12, cover: float = 0.25) -> list[tuple[str, ...]]:
+    """What is drawn under each cell of a ``grid`` x ``grid`` split of the picture, and which named cell it is in.
+
+    A cell's words are what covers most of it: the colour and the shape of an object, the digit's value
+    on the digit's box, the orientation on the stripe patch, or else the background colour (a part names
+    the cell if it covers at least ``cover`` of it); then, if the cell lies in one of the five named
+    cells of the 3x3 grid (`POSITIONS`), that name. The words come from the drawing parameters (the same
+    shapes `render` draws), never from a model. Training uses them as auxiliary targets at the visual
+    tokens (`tokcomp.train.TrainConfig.dense`).
+
+    Args:
+        scene: The drawing parameters.
+        grid: Cells per side (12: one merged Qwen2-VL token of 28 px each at 336 px); a multiple of 3.
+        cover: Least fraction of a cell a part must cover to name it.
+
+    Returns:
+        ``grid * grid`` tuples of words from `VOCABULARY`, in row-major order, for example
+        ``("red", "circle", "left")``, ``("7",)`` or ``("white", "centre")``.
+
+    Raises:
+        ValueError: If ``grid`` is not a multiple of 3.
+    """
+    if grid % 3:
+        raise ValueError(f"grid must be a multiple of 3 (the picture is a 3x3 grid of cells), got {grid}")
+    # One label picture drawn like `render` draws: 0 background, then one id per drawn part.
+    parts: list[tuple[str, ...]] = [(scene.background,)]
+    image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        parts.append((obj.colour, obj.shape))
+        x0, y0, x1, y1 = obj.box()
+        ident = len(parts) - 1
+        if obj.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=ident)
+        elif obj.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=ident)
+        else:
+            draw.polygon([(obj.cx, y0), (x1, y1), (x0, y1)], fill=ident)
+    d = scene.digit
+    parts.append((str(d.value),))
+    draw.rectangle((d.x, d.y, d.x + d.width - 1, d.y + d.height - 1), fill=len(parts) - 1)
+    s = scene.stripes
+    parts.append((s.orientation,))
+    draw.rectangle((s.x, s.y, s.x + s.size - 1, s.y + s.size - 1), fill=len(parts) - 1)
+    ids = np.asarray(image)
+    side = IMAGE_SIZE // grid
+    cells = ids[: side * grid, : side * grid].reshape(grid, side, grid, side).transpose(0, 2, 1, 3)
+    cells = cells.reshape(grid * grid, side * side)
+    named = {cell: name for name, cell in POSITIONS.items()}
+    out = []
+    for k, cell in enumerate(cells):
+        counts = np.bincount(cell, minlength=len(parts))
+        counts[0] = 0
+        best = int(counts.argmax())
+        what = parts[best] if counts[best] >= cover * cell.size else parts[0]
+        r, c = divmod(k, grid)
+        where = named.get((3 * r // grid, 3 * c // grid))
+        out.append((*what, where) if where else what)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
