@@ -85,6 +85,38 @@ def _verdict(base: dict, chance: dict, qtypes: list[str]) -> list[str]:
     return [line for o in out for line in ("", o)]
 
 
+def _summary(data: dict, qtypes: list[str]) -> list[str]:
+    """What the tables say, computed from them: the LUVC preset against the paper's claim, and which
+    strategies hold the reliable question types at a quarter of the tokens."""
+    scheds = data["schedules"]
+    base = scheds[0]
+    chance = data["task"]["chance"]
+    reliable = [q for q in qtypes if base["per_type"][q]["ci95"][0] > chance[q]]
+    out = ["## What the numbers say", ""]
+    luvc = next((s for s in scheds if s["name"] == "luvc" and not s["error"]), None)
+    if luvc:
+        drop = base["overall"]["accuracy"] - luvc["overall"]["accuracy"]
+        claim = ("more than the paper's \"negligible\" loss" if drop > 0.02 else "within the paper's \"negligible\"")
+        out += [(f"- **`luvc`** (OIM in the encoder, then SPU to zero visual tokens) kept {luvc['retained']:.0%} of "
+                 f"the visual tokens and answered {luvc['overall']['accuracy']:.1%} against {base['overall']['accuracy']:.1%} "
+                 f"uncompressed: {drop * 100:.1f} points lost, {claim} (on this small model; see the limits below).")]
+    quarter = [s for s in scheds if s["kind"] == "budget" and s["budget"] == 0.25 and not s["error"]]
+    if quarter and reliable:
+        def score(s: dict) -> float:
+            return sum(s["per_type"][q]["accuracy"] for q in reliable) / len(reliable)
+
+        floor = next((score(s) for s in quarter if s["strategy"] == "random"), None)
+        ranked = sorted(quarter, key=score, reverse=True)
+        cells = ", ".join(f"`{s['strategy']}` {score(s):.0%}" for s in ranked)
+        out += [(f"- At a quarter of the visual tokens, mean accuracy over the types the uncompressed model answers "
+                 f"reliably ({', '.join(f'`{q}`' for q in reliable)}; uncompressed {score(base):.0%}): {cells}.")]
+        if floor is not None:
+            below = [f"`{s['strategy']}`" for s in ranked if score(s) < floor]
+            if below:
+                out += [f"- Below the `random` floor ({floor:.0%}) at that budget: {', '.join(below)}."]
+    return out + [""]
+
+
 def _token_table(data: dict) -> list[str]:
     """What the visual tokens' own outputs name, from ``tokcomp.train.token_accuracy``."""
     tokens = data.get("token_accuracy")
@@ -151,10 +183,10 @@ def page(data: dict, training: dict, command: str, date: str, commit: str, param
         f"{cfg['vision_depth']}-block ViT of width {cfg['vision_width']} (patch 14, 2x2 merge) and a "
         f"{cfg['layers']}-layer LLM of width {cfg['hidden']} ({cfg['heads']} heads, {cfg['kv_heads']} "
         f"key/value heads), trained from scratch by `python -m tokcomp.train --out DIR` "
-        f"with the answer loss plus the auxiliary loss at the visual tokens (weight {cfg.get('dense', 0)}, "
-        "see below) "
-        f"({cfg['steps']} steps of {cfg['batch']} pictures, {training['seconds'] / 60:.1f} min of training "
-        f"on this machine with {cfg['threads']} thread(s)). The checkpoint is in the package: "
+        f"with the answer loss plus an auxiliary loss at the visual tokens (weight {cfg.get('dense', 0)}; "
+        "see *What the visual tokens know*); "
+        f"{cfg['steps']} steps of {cfg['batch']} pictures, {training['seconds'] / 60:.1f} min of training "
+        f"on this machine with {cfg['threads']} thread(s). The checkpoint is in the package: "
         "`tokcomp.testing.trained_model()`."),
         (f"- **Task**: 336x336 pictures, so **{data['visual_tokens']} visual tokens** per picture enter the "
         "LLM; seven question types, one-word answers (see `tokcomp.vqa` for the drawing rules); "
@@ -178,6 +210,7 @@ def page(data: dict, training: dict, command: str, date: str, commit: str, param
         f"forward pass each, gave {tr_acc['all']:.1%}.)"),
         "",
         *_token_table(data),
+        *_summary(data, qtypes),
         "## Presets",
         "",
         *_table([base, *presets], qtypes),
@@ -257,6 +290,10 @@ def page(data: dict, training: dict, command: str, date: str, commit: str, param
         "PACT and VTW score tokens by, and the spread of information across visual tokens, which SPU and OIM "
         "rely on, are not those of a model pretrained on billions of image-text pairs. A method tuned to "
         "pretrained attention statistics may do better (or worse) there than here."),
+        ("- The auxiliary loss trains every visual token to name its own cell's content and place, so here each "
+        "token carries its detail explicitly and locally. In a pretrained VLM information is spread over "
+        "tokens differently (registers, background tokens that summarise), which changes what dropping or "
+        "merging a token costs."),
         (f"- {data['num_layers']} LLM layers leave little room for layer schedules: a pruner at layer 2 already spends a third of "
         "the LLM at full width, and VTW's choice of K has only that many values. Papers' \"negligible loss\" claims are "
         "measured on 28- to 80-layer LLMs, where late layers use visual tokens little."),

@@ -128,12 +128,20 @@ def test_shipped_checkpoint_reaches_its_stated_accuracy(shipped):
     right = [a == e.answer for a, e in zip(answers, held_out)]
     lo, hi = wilson(sum(right), len(right))
     assert lo <= info["accuracy"]["all"] <= hi
-    # What the model has learnt (docs/accuracy.md): the background colour, every time; overall it is
-    # above chance, not by much.
+    # What the model has learnt (docs/accuracy.md): the background colour and the stripe orientation,
+    # nearly every time; overall it is well above chance, far from the 90% the issue asks for.
     per = {q: [r for r, e in zip(right, held_out) if e.qtype == q] for q in vqa.QTYPES}
-    assert sum(per["global"]) / len(per["global"]) >= 0.95 and info["accuracy"]["global"] >= 0.95
+    for q in ("global", "stripes"):
+        assert sum(per[q]) / len(per[q]) >= 0.9 and info["accuracy"][q] >= 0.9, q
     chance = sum(vqa.chance_accuracy(e.qtype) for e in held_out) / len(held_out)
-    assert sum(right) / len(right) > chance + 0.05
+    assert sum(right) / len(right) > chance + 0.15
+
+
+def test_shipped_visual_tokens_name_their_cells(shipped):
+    # The auxiliary task the checkpoint was trained with (docs/accuracy.md): its visual tokens name their
+    # colour, their named cell and the stripe orientation nearly always; the digit they do not read.
+    acc = train.token_accuracy(*shipped, vqa.make_examples(8, seed=0, split="test", start=20_000))
+    assert min(acc["colour"], acc["cell"], acc["background"], acc["stripes"]) >= 0.9, acc
 
 
 def test_token_accuracy_scores_the_cell_words():

@@ -174,8 +174,8 @@ class TrainConfig:
     vision_width: int = 64
     vision_depth: int = 2
     vision_heads: int = 4
-    rope_theta: float = 10.0
-    steps: int = 550
+    rope_theta: float = 100.0
+    steps: int = 1400
     batch: int = 8
     lr: float = 2e-3
     warmup: int = 20
@@ -184,7 +184,7 @@ class TrainConfig:
     # One thread: on a shared 2-core machine, two OpenMP threads ran 4-10x slower than one.
     threads: int = 1
     extra: bool = True
-    dense: float = 0.0
+    dense: float = 1.0
 
 
 def model_config(cfg: TrainConfig) -> Qwen2VLConfig:
