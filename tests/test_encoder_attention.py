@@ -32,7 +32,7 @@ class Probe(VisualStrategy):
     needs: tuple = ()
     seen: list = field(default_factory=list)
 
-    def attention_needs(self, site, layer, num_blocks):
+    def attention_needs(self, where):
         return self.needs
 
     def reduce(self, tokens: VisualTokens) -> VisualTokens:

@@ -24,6 +24,7 @@ __all__ = [
     "SITES",
     "Adapter",
     "AttentionParts",
+    "AttentionSite",
     "CountItem",
     "EncoderAttention",
     "ItemShape",
@@ -323,13 +324,30 @@ class EncoderAttention:
             raise ScheduleError(f"EncoderAttention: query must be 'cls' or 'mean', got {self.query!r}")
 
 
+@dataclass(frozen=True)
+class AttentionSite:
+    """Where a stage asks for encoder attention (the argument of `VisualStrategy.attention_needs`).
+
+    Attributes:
+        site: ``"encoder"`` or ``"projector"``.
+        layer: The encoder block at whose input the stage runs (the projector: ``num_blocks``).
+        num_blocks: Depth of the vision encoder.
+        has_cls: The tower runs a CLS token in front of the patches (``EncoderAttention("cls")`` exists).
+    """
+
+    site: str
+    layer: int
+    num_blocks: int
+    has_cls: bool
+
+
 def check_attention_needs(label: str, strategy: Strategy, site: str, layers: Sequence[int], adapter: Adapter) -> None:
     """Raise a `ScheduleError` when a stage's `VisualStrategy.attention_needs` cannot be met on ``adapter``."""
     if not isinstance(strategy, VisualStrategy) or site not in ("encoder", "projector"):
         return
     depth = adapter.num_vision_blocks
     for layer in layers if site == "encoder" else (depth,):
-        for need in strategy.attention_needs(site, layer, depth):
+        for need in strategy.attention_needs(AttentionSite(site, layer, depth, adapter.vision_has_cls)):
             if site not in adapter.encoder_attention_sites:
                 where = sorted(adapter.encoder_attention_sites)
                 raise ScheduleError(
@@ -373,9 +391,9 @@ class VisualStrategy(Strategy):
         """Return a smaller `tokcomp.tokens.VisualTokens` (same items, fewer tokens per frame)."""
         raise NotImplementedError
 
-    def attention_needs(self, site: str, layer: int, num_blocks: int) -> tuple[EncoderAttention, ...]:
-        """The encoder attention the stage needs when it runs at ``site``, block ``layer`` (the projector:
-        ``num_blocks``); the runtime puts each on every frame as ``FrameGrid.attention[need]``.
+    def attention_needs(self, where: AttentionSite) -> tuple[EncoderAttention, ...]:
+        """The encoder attention the stage needs when it runs at ``where`` (site, block, tower); the runtime
+        puts each on every frame as ``FrameGrid.attention[need]``.
 
         Validated at `tokcomp.compress` against the adapter (`Adapter.encoder_attention_sites`,
         `Adapter.vision_has_cls`). Default: none.
@@ -432,6 +450,13 @@ class VisualStrategy(Strategy):
                 f"{self.name!r}: proportional attention needs an additive bias, which flash attention in the "
                 "vision tower cannot take; set proportional_attention=False or load the model with sdpa"
             )
+        if type(self).attention_needs is VisualStrategy.attention_needs:
+            return
+        if stage.site == "encoder":
+            blocks = stage.layers if stage.layers is not None else self.default_layers(adapter.num_vision_blocks)
+        else:
+            blocks = [adapter.num_vision_blocks]
+        check_attention_needs(repr(self.name), self, stage.site, [int(b) for b in blocks], adapter)
 
 
 def check_keep_ratio(name: str, value: float) -> None:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .checks import checked_reduce
-from .contracts import EncoderAttention, LLMInput, SampleLayout, VisualItem, VisualStrategy
+from .contracts import AttentionSite, EncoderAttention, LLMInput, SampleLayout, VisualItem, VisualStrategy
 from .errors import RuntimeStateError, ScheduleError
 from .schedule import ResolvedStage
 from .tokens import FrameGrid, VisualItemTokens, VisualTokens
@@ -205,7 +205,7 @@ class VisionSession:
         last: The most recent results (reused when generate() runs the LLM again on cached features).
     """
 
-    def __init__(self, stages: Sequence[ResolvedStage], num_blocks: int, multiple: int) -> None:
+    def __init__(self, stages: Sequence[ResolvedStage], num_blocks: int, multiple: int, has_cls: bool = False) -> None:
         self.encoder_stages = [s for s in stages if s.site == "encoder"]
         self.projector_stages = [s for s in stages if s.site == "projector"]
         self.num_blocks = num_blocks
@@ -215,6 +215,7 @@ class VisionSession:
         self.events: list[dict[str, Any]] = []
         self.overhead_s = 0.0
         self.proportional = any(getattr(s.strategy, "proportional_attention", False) for s in stages)
+        self.has_cls = has_cls
 
     @property
     def active(self) -> bool:
@@ -237,8 +238,8 @@ class VisionSession:
             if site == "encoder" and layer not in st.layers:
                 continue
             if isinstance(st.strategy, VisualStrategy):
-                at = layer if site == "encoder" else self.num_blocks
-                out.extend(n for n in st.strategy.attention_needs(site, at, self.num_blocks) if n not in out)
+                at = AttentionSite(site, layer if site == "encoder" else self.num_blocks, self.num_blocks, self.has_cls)
+                out.extend(n for n in st.strategy.attention_needs(at) if n not in out)
         return out
 
     def attention_blocks(self) -> dict[int, set[str]]:
@@ -590,14 +591,15 @@ class RowTowerHooks:
             items = []
             for j in range(n):
                 mt = None if metric is None else metric[j, P:].reshape(h, w, -1)
-                frame = self._attach(FrameGrid.fresh(hs[j, P:].reshape(h, w, c), mt), j, needs, where)
+                frame = FrameGrid.fresh(hs[j, P:].reshape(h, w, c), mt).with_values(prefix_x=hs[j, :P])
+                frame = self._attach(frame, j, needs, where)
                 items.append(VisualItemTokens("image", [frame], (1, h, w)))
             return items
         for j, item in enumerate(call.items):
             fr = item.frames[0]
             mt = None if metric is None else metric[j, P:].reshape(*fr.shape, -1)
-            item.frames[0] = self._attach(fr.with_values(x=hs[j, P:].reshape(*fr.shape, c), metric=mt), j, needs,
-                                          where)
+            fr = fr.with_values(x=hs[j, P:].reshape(*fr.shape, c), metric=mt, prefix_x=hs[j, :P])
+            item.frames[0] = self._attach(fr, j, needs, where)
         return call.items
 
     def _pack(self, items: list[VisualItemTokens], hs: torch.Tensor) -> torch.Tensor:

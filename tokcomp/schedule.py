@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .contracts import SITES, Strategy, check_attention_needs
+from .contracts import SITES, Strategy
 from .errors import ScheduleError
 from .params import check_instance, check_params, field_hints, suggest, to_file_value
 
@@ -388,7 +388,6 @@ class Schedule:
             r = ResolvedStage(i, strategy, stage.site, layers)
             try:
                 strategy.validate(stage, adapter)
-                check_attention_needs(repr(type(strategy).name), strategy, stage.site, layers, adapter)
             except ScheduleError as exc:
                 raise ScheduleError(f"{where}: {exc}") from None
             resolved.append(r)

@@ -31,6 +31,9 @@ class FrameGrid:
         is_grid: False once a strategy broke the 2-D layout (then ``h == 1``).
         attention: The encoder attention the stage asked for (`tokcomp.contracts.EncoderAttention` ->
             ``(H, h, w)`` float32, per head and per token of this frame), filled by the runtime.
+        prefix_x: ``(P, c)`` hidden states of the leading non-patch tokens (a CLS token) the tower runs in
+            front of this frame at this block, or None. Read-only: the runtime keeps those tokens aside and
+            puts them back itself (VisionZip copies the CLS state into its output).
     """
 
     x: torch.Tensor
@@ -40,6 +43,7 @@ class FrameGrid:
     metric: torch.Tensor | None = None
     is_grid: bool = True
     attention: dict[Any, torch.Tensor] = field(default_factory=dict)
+    prefix_x: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -110,6 +114,7 @@ class FrameGrid:
             metric,
             is_grid=False,
             attention=attention,
+            prefix_x=self.prefix_x,
         )
 
 
