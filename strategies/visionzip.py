@@ -202,7 +202,6 @@ class VisionZip(VisualStrategy):
 
     def validate(self, stage: object, adapter: object) -> None:
         """At the encoder site the stage needs an earlier block (scores and keys come from it)."""
-        super().validate(stage, adapter)  # type: ignore[arg-type]
         layers = getattr(stage, "layers", None)
         if getattr(stage, "site", "") == "encoder":
             nb = adapter.num_vision_blocks  # type: ignore[attr-defined]
@@ -212,6 +211,7 @@ class VisionZip(VisualStrategy):
                     "visionzip runs once, at one encoder block >= 1 (it reads the previous block's attention); "
                     f"got layers={layers}"
                 )
+        super().validate(stage, adapter)  # type: ignore[arg-type]
 
     def attention_needs(self, where: AttentionSite) -> tuple[EncoderAttention, ...]:
         """Encoder: the CLS row (or received attention) of the previous block; projector: received attention
