@@ -513,6 +513,8 @@ class Adapter:
             third-party adapter before a built-in one, then by name (`tokcomp.registry.adapter_order`).
         refused_classes: Model classes of a related family that the adapter knowingly does not drive, each
             with the reason; `tokcomp.find_adapter` raises it instead of a generic "unsupported" error.
+        encoder_attention_sites: The sites at which the adapter computes `EncoderAttention` requests from
+            its vision tower's own q/k (empty: it provides none; such stages are refused at compress()).
     """
 
     name: ClassVar[str] = ""
@@ -523,7 +525,6 @@ class Adapter:
     encoder_grid_reason: ClassVar[str] = ""
     priority: ClassVar[int] = 0
     encoder_attention_sites: ClassVar[frozenset[str]] = frozenset()
-    """Sites at which the adapter computes `EncoderAttention` requests (``"encoder"``, ``"projector"``)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
