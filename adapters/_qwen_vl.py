@@ -11,6 +11,7 @@ and override the few places where their families differ.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, ClassVar
 
 import torch
@@ -19,6 +20,7 @@ from einops import rearrange
 from tokcomp.contracts import (
     Adapter,
     CountItem,
+    EncoderAttention,
     ItemShape,
     LLMInput,
     SampleLayout,
@@ -29,6 +31,7 @@ from tokcomp.contracts import (
 from tokcomp.encoder import VisionCallResult, VisionSession, hidden_states_of, valid_slots, with_hidden_states
 from tokcomp.errors import RuntimeStateError, ScheduleError
 from tokcomp.tokens import FrameGrid, VisualItemTokens
+from tokcomp.vision_attention import packed_rows
 
 __all__ = ["QwenVLAdapterBase"]
 
@@ -38,6 +41,7 @@ class QwenVLAdapterBase(Adapter):
 
     grid_multiple: ClassVar[int] = 2  # the 2x2 patch merger needs even grid sides
     sites: ClassVar[frozenset[str]] = frozenset({"encoder", "projector", "llm"})
+    encoder_attention_sites: ClassVar[frozenset[str]] = frozenset({"encoder", "projector"})
 
     @property
     def language_model(self) -> torch.nn.Module:
@@ -309,6 +313,8 @@ class _Call:
         self.keys: dict[int, torch.Tensor] = {}
         self.tokens_per_block: dict[int, list[int]] = {}
         self.window_index: torch.Tensor | None = None
+        self.attn_kw: dict[int, dict[str, Any]] = {}  # cu_seqlens / rotary an attention block was called with
+        self.attn: dict[EncoderAttention, tuple[torch.Tensor, int]] = {}  # (H, N) rows, sequence order; version
 
 
 class _QwenVision:
@@ -340,7 +346,66 @@ class _QwenVision:
                     if b >= 1:
                         hs.append(v.blocks[b - 1].attn.qkv.register_forward_hook(self._keys_hook(b)))
             hs.append(v.merger.register_forward_pre_hook(self._expand))
+        for c, queries in sorted(self.session.attention_blocks().items()):
+            attn = v.blocks[c].attn
+            hs.append(attn.register_forward_pre_hook(self._attn_call_hook(c), with_kwargs=True))
+            hs.append(attn.qkv.register_forward_hook(self._qkv_hook(c, queries)))
         return hs
+
+    # -- encoder attention (tokcomp.contracts.EncoderAttention) ------------------------------------------
+    def _attn_call_hook(self, block: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.call is not None:
+                cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+                pe = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
+                self.call.attn_kw[block] = {"cu_seqlens": cu, "position_embeddings": pe}
+
+        return hook
+
+    def _qkv_hook(self, block: int, queries: set[str]) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            call = self.call
+            if call is None:
+                return
+            attn = self.visual.blocks[block].attn
+            kw = call.attn_kw.pop(block)
+            n = out.shape[0]
+            q, k, _ = out.detach().reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            cos, sin = kw["position_embeddings"]
+            # the block's own rotary function, from the module that defines its attention class
+            rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+            q, k = rotary(q, k, cos, sin)
+            q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, N, d)
+            bounds = [int(x) for x in kw["cu_seqlens"].tolist()]
+            grids = call.grids if call.items is None else [it.grid for it in call.items]
+            frames = torch.tensor([h * w for t, h, w in grids for _ in range(t)], device=out.device)
+            lengths = torch.repeat_interleave(frames, frames)  # frames stay contiguous in the tower's order
+            log_size = call.kw.get("log_size") if self.session.proportional else None
+            for query in queries:
+                rows = packed_rows(q, k, float(attn.scaling), query, bounds, lengths, log_size)
+                call.attn[EncoderAttention(block, query)] = (rows, call.version)
+
+        return hook
+
+    def _attention_grids(self, needs: list[EncoderAttention], where: str) -> list[dict[EncoderAttention, torch.Tensor]]:
+        """Per item, each requested attention as ``(t, h, w, H)`` on the item's current patch grid."""
+        call = self.call
+        assert call is not None
+        grids = call.grids if call.items is None else [it.grid for it in call.items]
+        out: list[dict[EncoderAttention, torch.Tensor]] = [{} for _ in grids]
+        for need in needs:
+            got = call.attn.get(need)
+            if got is None:
+                raise RuntimeStateError(f"encoder attention {need} was not computed during this tower call")
+            rows, version = got
+            if version != call.version:
+                raise RuntimeStateError(
+                    f"the encoder attention of block {need.block} describes tokens that a later encoder stage "
+                    f"changed before {where}; schedule the stage that needs it before any other encoder stage"
+                )
+            for i, g in enumerate(self._to_grids(rows.T.contiguous(), grids, call.order)):
+                out[i][need] = g
+        return out
 
     # -- layout helpers ----------------------------------------------------------------------------------
     def _window(self, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,14 +466,22 @@ class _QwenVision:
         grids = call.grids if call.items is None else [it.grid for it in call.items]
         xs = self._to_grids(hs, grids, call.order)
         ms = self._to_grids(metric, grids, call.order) if metric is not None else [None] * len(xs)
+        needs = self.session.attention_needs("encoder", block) if block >= 0 else []
+        att = self._attention_grids(needs, f"encoder block {block}")
+
+        def rows(i: int, f: int) -> dict[EncoderAttention, torch.Tensor]:
+            return {need: a[f].permute(2, 0, 1) for need, a in att[i].items()}
+
         if call.items is None:
             return [
                 VisualItemTokens("image" if g[0] == 1 else "video",
-                                 [FrameGrid.fresh(x[f], None if mt is None else mt[f]) for f in range(g[0])], g)
-                for x, mt, g in zip(xs, ms, grids)
+                                 [FrameGrid.fresh(x[f], None if mt is None else mt[f]).with_values(attention=rows(i, f))
+                                  for f in range(g[0])], g)
+                for i, (x, mt, g) in enumerate(zip(xs, ms, grids))
             ]
-        for item, x, mt in zip(call.items, xs, ms):
-            item.frames = [fr.with_values(x=x[f], metric=None if mt is None else mt[f])
+        for i, (item, x, mt) in enumerate(zip(call.items, xs, ms)):
+            item.frames = [fr.with_values(x=x[f], metric=None if mt is None else mt[f],
+                                          attention={**fr.attention, **rows(i, f)})
                            for f, fr in enumerate(item.frames)]
         return call.items
 
@@ -513,6 +586,19 @@ class _QwenVision:
                 n = t * (h // m) * (w // m)
                 units_before.append(_unit_items(pooled_i[:n], (t, h // m, w // m), it, m))
         items_units = units_before
+        needs = self.session.attention_needs("projector", self.adapter.num_vision_blocks)
+        if needs and self.session.projector_stages:
+            self.call = call
+            att = self._attention_grids(needs, "the merger")
+            self.call = None
+            for it, a in zip(units_before, att):
+                for f, fr in enumerate(it.frames):
+                    pooled_att = {}
+                    for need, g in a.items():
+                        t, hp, wp, H = g.shape
+                        g = g[f].reshape(hp // m, m, wp // m, m, H).mean((1, 3))
+                        pooled_att[need] = g.permute(2, 0, 1)
+                    it.frames[f] = fr.with_values(attention=pooled_att)
         if self.session.projector_stages:
             items_units = self.session.run("projector", self.adapter.num_vision_blocks, units_before)
         changed = call.items is not None or bool(self.session.projector_stages)

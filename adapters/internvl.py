@@ -79,6 +79,7 @@ class InternVLAdapter(Adapter):
     model_classes: ClassVar[tuple[str, ...]] = ("InternVLForConditionalGeneration",)
     grid_multiple: ClassVar[int] = 2  # pixel shuffle (0.5) merges 2x2 patches: grid sides must be even
     sites: ClassVar[frozenset[str]] = frozenset({"encoder", "projector", "llm"})
+    encoder_attention_sites: ClassVar[frozenset[str]] = frozenset({"encoder", "projector"})
 
     @property
     def language_model(self) -> torch.nn.Module:
@@ -105,6 +106,11 @@ class InternVLAdapter(Adapter):
         """The vision tower's attention backend."""
         return str(self.model.model.vision_tower.config._attn_implementation)
 
+    @property
+    def vision_has_cls(self) -> bool:
+        """Whether the tower runs a CLS token in front of the patches."""
+        return True
+
     def vision_attention_configs(self) -> list[Any]:
         """The InternViT attention config (one object shared by every block)."""
         blocks = self.model.model.vision_tower.encoder.layer
@@ -123,6 +129,7 @@ class InternVLAdapter(Adapter):
             tower=tower,
             blocks=blocks,
             attention=[b.attention for b in blocks],
+            queries=[b.attention.q_norm for b in blocks],  # as the attention uses them
             keys=[b.attention.k_norm for b in blocks],  # the keys as the attention uses them (after qk norm)
             num_heads=int(vc.num_attention_heads),
             grid=(side[0] // patch[0], side[1] // patch[1]),

@@ -76,6 +76,7 @@ class LlavaAdapter(Adapter):
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration",)
     grid_multiple: ClassVar[int] = 1  # the projector works per token
     sites: ClassVar[frozenset[str]] = frozenset({"encoder", "projector", "llm"})
+    encoder_attention_sites: ClassVar[frozenset[str]] = frozenset({"encoder", "projector"})
 
     @classmethod
     def supports(cls, model: torch.nn.Module) -> bool:
@@ -116,6 +117,11 @@ class LlavaAdapter(Adapter):
         """The vision tower's attention backend."""
         return str(self.model.model.vision_tower.config._attn_implementation)
 
+    @property
+    def vision_has_cls(self) -> bool:
+        """Whether the tower runs a CLS token in front of the patches."""
+        return self._tower_has_cls()
+
     def vision_attention_configs(self) -> list[Any]:
         """The tower's attention config (one object shared by every block)."""
         cfgs = {id(b.self_attn.config): b.self_attn.config for b in self._tower_blocks}
@@ -129,6 +135,7 @@ class LlavaAdapter(Adapter):
             tower=tower,
             blocks=blocks,
             attention=[b.self_attn for b in blocks],
+            queries=[b.self_attn.q_proj for b in blocks],
             keys=[b.self_attn.k_proj for b in blocks],
             num_heads=int(tower.config.num_attention_heads),
             grid=self.patch_grid,

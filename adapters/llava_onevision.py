@@ -162,6 +162,7 @@ class LlavaOnevisionAdapter(Adapter):
     )
     # encoder: in the tiles, packed by the model's rule; projector: on the packed LLM input
     sites: ClassVar[frozenset[str]] = frozenset({"encoder", "projector", "llm"})
+    encoder_attention_sites: ClassVar[frozenset[str]] = frozenset({"encoder"})
 
     @property
     def language_model(self) -> torch.nn.Module:
@@ -223,6 +224,7 @@ class LlavaOnevisionAdapter(Adapter):
             tower=tower,
             blocks=blocks,
             attention=[b.self_attn for b in blocks],
+            queries=[b.self_attn.q_proj for b in blocks],
             keys=[b.self_attn.k_proj for b in blocks],
             num_heads=int(tower.config.num_attention_heads),
             grid=self.tile_grid,

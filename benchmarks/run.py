@@ -53,7 +53,7 @@ class Case:
 from tokcomp.budgets import budget_schedules
 
 PRESETS = ["luvc", "luvc-video", "luvc-document", "spu", "fastv", "pact", "pact-qwen2-vl", "vtw", "dart", "divprune",
-           "cdpruner"]
+           "cdpruner", "visionzip-qwen"]
 
 
 def cases(quick: bool, device: str) -> list[Case]:

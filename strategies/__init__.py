@@ -3,7 +3,7 @@
 Import a strategy class from here to use it in a schedule:
 
 ```python
-from tokcomp.strategies import SPU, OIM, ToMe, Downsample, FastV, VTW, RandomPrune, DivPrune, CDPruner, DART
+from tokcomp.strategies import SPU, OIM, ToMe, Downsample, FastV, VTW, RandomPrune, DivPrune, CDPruner, DART, VisionZip
 ```
 """
 
@@ -23,6 +23,7 @@ from .oim import OIM
 from .pact import PACT
 from .spu import SPU
 from .tome import ToMe
+from .visionzip import VisionZip
 from .vtw import VTW
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "FastV",
     "RandomPrune",
     "ToMe",
+    "VisionZip",
     "tokcomp_register_strategies",
 ]
 
@@ -44,5 +46,5 @@ __all__ = [
 @hookimpl
 def tokcomp_register_strategies(register: Callable[[type], None]) -> None:
     """Register the built-in strategies."""
-    for cls in (SPU, OIM, ToMe, Downsample, FastV, PACT, VTW, RandomPrune, DivPrune, CDPruner, DART):
+    for cls in (SPU, OIM, ToMe, Downsample, FastV, PACT, VTW, RandomPrune, DivPrune, CDPruner, DART, VisionZip):
         register(cls)

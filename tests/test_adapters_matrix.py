@@ -48,6 +48,7 @@ STAGE_PARAMS: dict[str, dict[str, Any]] = {
     "fastv": {"layers": [2]},
     "vtw": {"layers": [2]},
     "random": {"layers": [1]},
+    "visionzip": {"dominant": 4, "contextual": 2},  # 6 of the tiny towers' 16 patches per tile
 }
 ATTN = ("sdpa", "eager")
 GEN = {"max_new_tokens": 3, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}

@@ -36,3 +36,34 @@ def test_pact_needs_proportional_attention_off_under_flash():
     model = testing.tiny_model("qwen2_vl", attn_implementation="flash_attention_2", dtype=torch.bfloat16).cuda()
     with pytest.raises(tc.ScheduleError, match="proportional_attention=False"):
         tc.compress(model, tc.Schedule.preset("pact"))
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava"])
+def test_encoder_attention_rows_under_flash_equal_sdpa(arch):
+    """Encoder attention rows come from the block's own q/k, so a FlashAttention tower gives the rows (and the
+    VisionZip selection) that an SDPA tower gives; output_attentions is never needed."""
+    from tokcomp.contracts import EncoderAttention
+    from tokcomp.strategies import VisionZip
+
+    site = "encoder" if arch == "llava" else "projector"
+    rows, kept = {}, {}
+    for attn in ("sdpa", "flash_attention_2"):
+        model = testing.tiny_model(arch, attn_implementation=attn, dtype=torch.bfloat16).cuda()
+        batch = testing.tiny_inputs(arch, dtype=torch.bfloat16).to("cuda")
+        strategy = VisionZip(dominant=4, contextual=2)
+        seen = []
+        reduce = strategy.reduce
+
+        def spy(tokens, reduce=reduce, seen=seen):
+            seen.extend(fr.attention for it in tokens.items for fr in it.frames)
+            return reduce(tokens)
+
+        strategy.reduce = spy
+        with torch.no_grad(), tc.compress(model, [tc.Stage(strategy, site=site)]) as run:
+            model(**batch)
+        rows[attn] = [a for d in seen for k, a in sorted(d.items(), key=lambda kv: kv[0].block)
+                      if isinstance(k, EncoderAttention)]
+        kept[attn] = run.report().original_visual
+    assert kept["sdpa"] == kept["flash_attention_2"] and rows["sdpa"]
+    for a, b in zip(rows["sdpa"], rows["flash_attention_2"]):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)

@@ -44,7 +44,9 @@ def budget_schedules(layers: int, llm_tokens: int, f: float = 0.35) -> dict[str,
     lines; downsample divides each side by ``1/sqrt(f)``; ToMe at the projector can merge at most half
     of the tokens in one application (bipartite matching), so it always runs at ``f = 0.5``. DART acts
     at ``K`` with FastV's ``r`` (plus its 4 image pivots: about ``r·n + 4``); DivPrune (projector) and CDPruner
-    (LLM input) keep ``f`` of each image before the first layer.
+    (LLM input) keep ``f`` of each image before the first layer; VisionZip (its projector-site port, which
+    runs on every architecture whose adapter maps the encoder's attention to the LLM tokens) keeps ``f`` of
+    each image, split 54 : 10 between dominant and contextual tokens as in its README setting.
 
     Args:
         layers: LLM depth ``L``.
@@ -72,6 +74,7 @@ def budget_schedules(layers: int, llm_tokens: int, f: float = 0.35) -> dict[str,
         FastV,
         RandomPrune,
         ToMe,
+        VisionZip,
     )
 
     k = 2 if f * layers >= 2 + 0.01 * (layers - 2) or layers <= 2 else 1
@@ -88,6 +91,9 @@ def budget_schedules(layers: int, llm_tokens: int, f: float = 0.35) -> dict[str,
         f"dart@{tag}": tc.Schedule([tc.Stage(DART(keep_ratio=r), site="llm", layers=[k])]),
         f"divprune@{tag}": tc.Schedule([tc.Stage(DivPrune(keep_ratio=f), site="projector")]),
         f"cdpruner@{tag}": tc.Schedule([tc.Stage(CDPruner(keep_ratio=f), site="llm", layers=[0])]),
+        f"visionzip@{tag}": tc.Schedule([tc.Stage(
+            VisionZip(dominant_ratio=round(f * 54 / 64, 4), contextual_ratio=round(f * 10 / 64, 4)),
+            site="projector")]),
         f"vtw@{tag}": tc.Schedule([tc.Stage(VTW(), site="llm", layers=[max(1, round(f * layers))])]),
         f"oim@{tag}": tc.Schedule(
             [tc.Stage(OIM(rate=round(1 - math.sqrt(f), 3), iterations=2), site="encoder")]

@@ -24,7 +24,9 @@ __all__ = [
     "SITES",
     "Adapter",
     "AttentionParts",
+    "AttentionSite",
     "CountItem",
+    "EncoderAttention",
     "ItemShape",
     "LLMDecision",
     "LLMStrategy",
@@ -293,6 +295,79 @@ class LLMStrategy(Strategy):
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class EncoderAttention:
+    """A request for attention inside the vision encoder, computed by the runtime from a block's own q/k.
+
+    A `VisualStrategy` lists its requests in `VisualStrategy.attention_needs`; the runtime computes them while
+    the tower runs (from the outputs of the block's query and key projections, with the block's own norms and
+    rotary embedding, over the tokens each attention call of the block covers: one image or tile, one video
+    frame, one attention window), never from ``output_attentions``, so every attention backend stays as the
+    user chose it. The result reaches the strategy on each frame as `FrameGrid.attention`, one ``(H, h, w)``
+    float32 tensor per request (one value per head and per token of the frame).
+
+    Attributes:
+        block: Encoder block whose attention is computed (0-based; the block's input is what its q/k see).
+            At the ``encoder`` site it must come before the block the stage runs at.
+        query: ``"cls"``: the CLS token's query row (the probability the CLS query gives each patch key;
+            the softmax runs over every key of the call, the CLS key included); towers without a CLS token
+            refuse it. ``"mean"``: the attention each token receives, the mean over all query rows of the
+            frame (CLS included) of the probability they give it; in a windowed block a query outside the
+            token's window gives it 0.
+    """
+
+    block: int
+    query: str = "cls"
+
+    def __post_init__(self) -> None:
+        if self.query not in ("cls", "mean"):
+            raise ScheduleError(f"EncoderAttention: query must be 'cls' or 'mean', got {self.query!r}")
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """Where a stage asks for encoder attention (the argument of `VisualStrategy.attention_needs`).
+
+    Attributes:
+        site: ``"encoder"`` or ``"projector"``.
+        layer: The encoder block at whose input the stage runs (the projector: ``num_blocks``).
+        num_blocks: Depth of the vision encoder.
+        has_cls: The tower runs a CLS token in front of the patches (``EncoderAttention("cls")`` exists).
+    """
+
+    site: str
+    layer: int
+    num_blocks: int
+    has_cls: bool
+
+
+def check_attention_needs(label: str, strategy: Strategy, site: str, layers: Sequence[int], adapter: Adapter) -> None:
+    """Raise a `ScheduleError` when a stage's `VisualStrategy.attention_needs` cannot be met on ``adapter``."""
+    if not isinstance(strategy, VisualStrategy) or site not in ("encoder", "projector"):
+        return
+    depth = adapter.num_vision_blocks
+    for layer in layers if site == "encoder" else (depth,):
+        for need in strategy.attention_needs(AttentionSite(site, layer, depth, adapter.vision_has_cls)):
+            if site not in adapter.encoder_attention_sites:
+                where = sorted(adapter.encoder_attention_sites)
+                raise ScheduleError(
+                    f"{label}: needs the vision encoder's attention at the {site!r} site, which the "
+                    f"{adapter.name!r} adapter cannot provide there"
+                    + (f" (it can at {where})" if where else " (it provides no encoder attention)")
+                )
+            if not 0 <= need.block < depth or (site == "encoder" and need.block >= layer):
+                limit = f"0..{layer - 1}" if site == "encoder" else f"0..{depth - 1}"
+                raise ScheduleError(
+                    f"{label}: asks for the attention of encoder block {need.block}, but at {site} block {layer} "
+                    f"only blocks {limit} have run; move the stage to a later block"
+                )
+            if need.query == "cls" and not adapter.vision_has_cls:
+                raise ScheduleError(
+                    f"{label}: asks for the CLS query row of block {need.block}, but the {adapter.name!r} vision "
+                    "tower has no CLS token; use query='mean' (the attention each token receives)"
+                )
+
+
 class VisualStrategy(Strategy):
     """A strategy that runs at the ``encoder`` and/or ``projector`` site on `tokcomp.tokens.VisualTokens`.
 
@@ -315,6 +390,15 @@ class VisualStrategy(Strategy):
     def reduce(self, tokens: Any) -> Any:
         """Return a smaller `tokcomp.tokens.VisualTokens` (same items, fewer tokens per frame)."""
         raise NotImplementedError
+
+    def attention_needs(self, where: AttentionSite) -> tuple[EncoderAttention, ...]:
+        """The encoder attention the stage needs when it runs at ``where`` (site, block, tower); the runtime
+        puts each on every frame as ``FrameGrid.attention[need]``.
+
+        Validated at `tokcomp.compress` against the adapter (`Adapter.encoder_attention_sites`,
+        `Adapter.vision_has_cls`). Default: none.
+        """
+        return ()
 
     def output_shape(self, shape: ItemShape, step: ShapeStep) -> ItemShape | None:
         """The shape `reduce` will return for an item of ``shape``, computed without any tensor.
@@ -366,6 +450,13 @@ class VisualStrategy(Strategy):
                 f"{self.name!r}: proportional attention needs an additive bias, which flash attention in the "
                 "vision tower cannot take; set proportional_attention=False or load the model with sdpa"
             )
+        if type(self).attention_needs is VisualStrategy.attention_needs:
+            return
+        if stage.site == "encoder":
+            blocks = stage.layers if stage.layers is not None else self.default_layers(adapter.num_vision_blocks)
+        else:
+            blocks = [adapter.num_vision_blocks]
+        check_attention_needs(repr(self.name), self, stage.site, [int(b) for b in blocks], adapter)
 
 
 def check_keep_ratio(name: str, value: float) -> None:
@@ -422,6 +513,8 @@ class Adapter:
             third-party adapter before a built-in one, then by name (`tokcomp.registry.adapter_order`).
         refused_classes: Model classes of a related family that the adapter knowingly does not drive, each
             with the reason; `tokcomp.find_adapter` raises it instead of a generic "unsupported" error.
+        encoder_attention_sites: The sites at which the adapter computes `EncoderAttention` requests from
+            its vision tower's own q/k (empty: it provides none; such stages are refused at compress()).
     """
 
     name: ClassVar[str] = ""
@@ -431,6 +524,7 @@ class Adapter:
     grid_multiple: ClassVar[int] = 1
     encoder_grid_reason: ClassVar[str] = ""
     priority: ClassVar[int] = 0
+    encoder_attention_sites: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -520,6 +614,11 @@ class Adapter:
     def vision_attention_configs(self) -> list[Any]:
         """The config objects the vision tower's attention modules read their backend from."""
         raise NotImplementedError
+
+    @property
+    def vision_has_cls(self) -> bool:
+        """Whether the vision tower runs a CLS token in front of the patches (``EncoderAttention("cls")``)."""
+        return False
 
     def install_vision(self, session: Any) -> list[Any]:
         """Install the vision-tower hooks of an encoder/projector session; return their handles.

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from .checks import checked_reduce
-from .contracts import LLMInput, SampleLayout, VisualItem, VisualStrategy
+from .contracts import AttentionSite, EncoderAttention, LLMInput, SampleLayout, VisualItem, VisualStrategy
 from .errors import RuntimeStateError, ScheduleError
 from .schedule import ResolvedStage
 from .tokens import FrameGrid, VisualItemTokens, VisualTokens
+from .vision_attention import call_rows, needs_by_block
 
 __all__ = [
     "BIAS_PREFIX",
@@ -204,7 +205,7 @@ class VisionSession:
         last: The most recent results (reused when generate() runs the LLM again on cached features).
     """
 
-    def __init__(self, stages: Sequence[ResolvedStage], num_blocks: int, multiple: int) -> None:
+    def __init__(self, stages: Sequence[ResolvedStage], num_blocks: int, multiple: int, has_cls: bool = False) -> None:
         self.encoder_stages = [s for s in stages if s.site == "encoder"]
         self.projector_stages = [s for s in stages if s.site == "projector"]
         self.num_blocks = num_blocks
@@ -214,6 +215,7 @@ class VisionSession:
         self.events: list[dict[str, Any]] = []
         self.overhead_s = 0.0
         self.proportional = any(getattr(s.strategy, "proportional_attention", False) for s in stages)
+        self.has_cls = has_cls
 
     @property
     def active(self) -> bool:
@@ -227,6 +229,24 @@ class VisionSession:
     def needs_keys(self) -> bool:
         """Whether some stage measures similarity on attention keys."""
         return any(getattr(s.strategy, "metric", "") in ("keys", "auto") for s in self.encoder_stages)
+
+    def attention_needs(self, site: str, layer: int) -> list[EncoderAttention]:
+        """The `EncoderAttention` requests of the stages of ``site`` that run at ``layer`` (the projector: any)."""
+        stages = self.encoder_stages if site == "encoder" else self.projector_stages
+        out: list[EncoderAttention] = []
+        for st in stages:
+            if site == "encoder" and layer not in st.layers:
+                continue
+            if isinstance(st.strategy, VisualStrategy):
+                at = AttentionSite(site, layer if site == "encoder" else self.num_blocks, self.num_blocks, self.has_cls)
+                out.extend(n for n in st.strategy.attention_needs(at) if n not in out)
+        return out
+
+    def attention_blocks(self) -> dict[int, set[str]]:
+        """``{block: {query, ...}}``: the encoder attention to compute while the tower runs (every stage's)."""
+        needs = [n for b in sorted(self.encoder_blocks()) for n in self.attention_needs("encoder", b)]
+        needs += self.attention_needs("projector", self.num_blocks)
+        return needs_by_block(needs)
 
     def run(self, site: str, layer: int, tokens: list[VisualItemTokens], prefix: int = 0) -> list[VisualItemTokens]:
         """Apply every stage of ``site`` scheduled at ``layer`` to ``tokens`` (``prefix``: `VisualTokens.prefix`)."""
@@ -333,6 +353,10 @@ class RowTower:
         bias_in_mask: Hand proportional attention's ``log size`` to the attention modules as their additive
             ``attention_mask`` (for attention modules that do not pass extra kwargs on to the attention
             function, e.g. SigLIP's); otherwise as the ``tokcomp_bias`` kwarg of ``tokcomp_sdpa``/``_eager``.
+        queries: Per block, a module whose output is the block's attention queries ``(n, T, heads *
+            head_dim)`` as the attention function receives them (after any q norm); with ``keys`` (which must
+            then be the keys as the attention receives them) it lets the runtime compute
+            `tokcomp.contracts.EncoderAttention` requests. None: the tower cannot provide them.
     """
 
     tower: nn.Module
@@ -348,6 +372,7 @@ class RowTower:
     feature_index: int | None = None
     projector_stages: bool = True
     bias_in_mask: bool = False
+    queries: Sequence[nn.Module] | None = None
 
 
 def feature_index(vision_feature_layer: int | Sequence[int], depth: int) -> int:
@@ -389,6 +414,9 @@ class _RowCall:
         self.keys: dict[int, torch.Tensor] = {}
         self.entering: dict[int, torch.Tensor] = {}
         self.tokens_per_block: dict[int, list[int]] = {}
+        self.version = 0  # how many times a stage changed the tokens (bumped by _pack)
+        self.qk: dict[int, dict[str, torch.Tensor]] = {}  # captured q/k of an attention block, until both exist
+        self.attn: dict[EncoderAttention, tuple[torch.Tensor, int]] = {}  # (n, H, T) rows and the version
 
 
 class RowTowerHooks:
@@ -431,8 +459,69 @@ class RowTowerHooks:
                 for b in sorted(blocks):
                     if b >= 1:
                         hs.append(spec.keys[b - 1].register_forward_hook(self._keys_hook(b)))
+        attention = session.attention_blocks()
+        if attention and spec.queries is None:
+            raise ScheduleError("this vision tower cannot provide encoder attention (RowTower.queries is not set)")
+        for c, queries in sorted(attention.items()):
+            assert spec.queries is not None
+            hs.append(spec.queries[c].register_forward_hook(self._qk_hook(c, "q", queries)))
+            hs.append(spec.keys[c].register_forward_hook(self._qk_hook(c, "k", queries)))
         hs.append(spec.projector.register_forward_hook(self._project))
         return hs
+
+    def _qk_hook(self, block: int, part: str, queries: set[str]) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            call = self.call
+            if call is None:
+                return
+            got = call.qk.setdefault(block, {})
+            got[part] = out.detach()
+            if len(got) < 2:
+                return
+            del call.qk[block]
+            heads = self.spec.num_heads
+            n, t, c = got["q"].shape
+            q = got["q"].reshape(n, t, heads, c // heads).transpose(1, 2)
+            k = got["k"].reshape(n, t, heads, c // heads).transpose(1, 2)
+            attn = self.spec.attention[block]
+            scaling = float(getattr(attn, "scale", None) or getattr(attn, "scaling", None) or (c // heads) ** -0.5)
+            bias = call.bias if self.session.proportional else None
+            for query in queries:
+                rows = torch.stack([
+                    call_rows(q[j], k[j], scaling, query, None if bias is None else bias[j]) for j in range(n)
+                ])
+                if query == "mean":
+                    rows = rows / t  # every query row of the tile: the prefix and the patches
+                call.attn[EncoderAttention(block, query)] = (rows, call.version)
+
+        return hook
+
+    def _attach(self, frame: FrameGrid, j: int, needs: Sequence[EncoderAttention], where: str,
+                unit: int = 1) -> FrameGrid:
+        """``frame`` (row ``j``) with the requested attention rows, per token (pooled over ``unit x unit``)."""
+        call = self.call
+        assert call is not None
+        if not needs:
+            return frame
+        P = self.spec.prefix
+        out = dict(frame.attention)
+        for need in needs:
+            got = call.attn.get(need)
+            if got is None:
+                raise RuntimeStateError(f"encoder attention {need} was not computed during this tower call")
+            rows, version = got
+            if version != call.version:
+                raise RuntimeStateError(
+                    f"the encoder attention of block {need.block} describes tokens that a later encoder stage "
+                    f"changed before {where}; schedule the stage that needs it before any other encoder stage"
+                )
+            a = rows[j, :, P:]
+            hh, ww = frame.shape
+            if unit > 1:
+                a = a.reshape(-1, hh * unit, ww * unit)
+                a = a.reshape(a.shape[0], hh, unit, ww, unit).mean((2, 4))
+            out[need] = a.reshape(-1, hh, ww)
+        return frame.with_values(attention=out)
 
     # -- tower ---------------------------------------------------------------------------------------------
     def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -492,6 +581,8 @@ class RowTowerHooks:
         n, _, c = hs.shape
         metric = call.keys.get(block)
         call.prefix = hs[:, :P]
+        needs = self.session.attention_needs("encoder", block)
+        where = f"encoder block {block}"
         if call.items is None:
             if hs.shape[1] != P + h * w:
                 raise RuntimeStateError(
@@ -500,13 +591,15 @@ class RowTowerHooks:
             items = []
             for j in range(n):
                 mt = None if metric is None else metric[j, P:].reshape(h, w, -1)
-                frame = FrameGrid.fresh(hs[j, P:].reshape(h, w, c), mt)
+                frame = FrameGrid.fresh(hs[j, P:].reshape(h, w, c), mt).with_values(prefix_x=hs[j, :P])
+                frame = self._attach(frame, j, needs, where)
                 items.append(VisualItemTokens("image", [frame], (1, h, w)))
             return items
         for j, item in enumerate(call.items):
             fr = item.frames[0]
             mt = None if metric is None else metric[j, P:].reshape(*fr.shape, -1)
-            item.frames[0] = fr.with_values(x=hs[j, P:].reshape(*fr.shape, c), metric=mt)
+            fr = fr.with_values(x=hs[j, P:].reshape(*fr.shape, c), metric=mt, prefix_x=hs[j, :P])
+            item.frames[0] = self._attach(fr, j, needs, where)
         return call.items
 
     def _pack(self, items: list[VisualItemTokens], hs: torch.Tensor) -> torch.Tensor:
@@ -524,6 +617,7 @@ class RowTowerHooks:
         x = torch.cat([call.prefix, x], 1)
         size = torch.stack([it.frames[0].size.reshape(-1).float() for it in items])
         call.items = items
+        call.version += 1
         call.bias = None
         if not bool((size == 1).all()):
             ones = size.new_ones(size.shape[0], self.spec.prefix)
@@ -580,6 +674,9 @@ class RowTowerHooks:
         if lead < 0:
             raise RuntimeStateError(f"the projector emits {T} tokens per row, fewer than the {hu}x{wu} grid")
         units: list[VisualItemTokens] = []
+        stages = bool(self.session.projector_stages) and self.spec.projector_stages
+        needs = self.session.attention_needs("projector", self.depth) if stages else []
+        self.call = call
         for j in range(n):
             if call.items is None:
                 frame = unit_frame(out[j, lead:].reshape(hu, wu, D), None, m)
@@ -590,8 +687,11 @@ class RowTowerHooks:
                 else:
                     x = out[j, lead:].reshape(hu, wu, D)[: fr.shape[0] // m, : fr.shape[1] // m]
                 frame = unit_frame(x, fr, m)
+            if needs and m > 1 and not frame.is_grid:
+                raise RuntimeStateError(f"encoder attention at this {m}x{m} projector needs a 2-D grid")
+            frame = self._attach(frame, j, needs, "the projector", m)
             units.append(VisualItemTokens("image", [frame], (1, hu, wu)))
-        stages = bool(self.session.projector_stages) and self.spec.projector_stages
+        self.call = None
         if stages:
             units = self.session.run("projector", self.depth, units)
         changed = call.items is not None or stages

@@ -82,6 +82,17 @@ def _cdpruner(num_layers: int) -> Schedule:
     return Schedule([Stage(CDPruner(keep_ratio=0.111), site="llm", layers=[0])])
 
 
+def _visionzip(site: str) -> Callable[[int], Schedule]:
+    def build(num_layers: int) -> Schedule:
+        from tokcomp.strategies import VisionZip
+
+        # 54 dominant + 10 contextual of LLaVA-1.5's 576 patches (the README's 64-token setting), as ratios so
+        # that other towers keep the same fraction
+        return Schedule([Stage(VisionZip(dominant_ratio=54 / 576, contextual_ratio=10 / 576), site=site)])
+
+    return build
+
+
 PRESETS: dict[str, tuple[Callable[[int], Schedule], str]] = {
     "luvc": (_luvc, ("LUVC for images: OIM 2 iterations (width, height; rate 0.25) in the last third of the "
                     "encoder + SPU cascade from layer 2 (project's starting choice; paper's numbers unreadable)")),
@@ -100,6 +111,13 @@ PRESETS: dict[str, tuple[Callable[[int], Schedule], str]] = {
     "dart": (_dart, ("DART at layer 2 with 4 + 4 pivots, 88.9% of the visual tokens pruned (the abstract's headline; "
                     "the reference's Qwen counting rule keeps 4 + 8 * int(n * 0.111 / 8))")),
     "divprune": (_divprune, "DivPrune on the projected tokens, ratio 0.098 (the reference's SUBSET_RATIO: 56 of 576)"),
+    "visionzip": (_visionzip("encoder"), ("VisionZip at the last encoder block (LLaVA-1.5's feature layer), 54 dominant "
+                                         "(CLS included) + 10 contextual of 576 patches: the README's 64-token "
+                                         "setting, as fractions of the tower's patches; needs an encoder site that "
+                                         "takes a 1-D token list (LLaVA)")),
+    "visionzip-qwen": (_visionzip("projector"), ("VisionZip's Qwen port (llmc) at the projector: received attention "
+                                                 "of the last encoder block, 54/576 dominant + 10/576 contextual of "
+                                                 "each image's LLM tokens")),
     "cdpruner": (_cdpruner, ("CDPruner on the LLM input, 11.1% per image (the reference's visual_token_num=64 of "
                             "LLaVA-1.5's 576; relevance from the LLM's prompt embeddings, tokcomp's adaptation)")),
 }

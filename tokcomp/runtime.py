@@ -227,7 +227,8 @@ class CompressionRun:
                 by_layer.setdefault(layer, []).append(s)
         self._by_layer = by_layer
         self._first = min(by_layer) if by_layer else None
-        self.vision = VisionSession(stages, self._vision_depth(adapter, stages), adapter.grid_multiple)
+        depth = self._vision_depth(adapter, stages)
+        self.vision = VisionSession(stages, depth, adapter.grid_multiple, bool(depth) and adapter.vision_has_cls)
         self._saved_attn: list[tuple[Any, str]] = []
         self.run_id = new_run_id()
         self._mask2d: torch.Tensor | None = None  # generate()'s 2-D mask for the current call

@@ -9,6 +9,7 @@ shape); strategies that do not (ToMe) return frames of shape ``(1, n)`` and set 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -28,6 +29,11 @@ class FrameGrid:
             that holds it now: provenance.
         metric: Optional ``(h, w, c_m)`` similarity features (the block's keys averaged over heads).
         is_grid: False once a strategy broke the 2-D layout (then ``h == 1``).
+        attention: The encoder attention the stage asked for (`tokcomp.contracts.EncoderAttention` ->
+            ``(H, h, w)`` float32, per head and per token of this frame), filled by the runtime.
+        prefix_x: ``(P, c)`` hidden states of the leading non-patch tokens (a CLS token) the tower runs in
+            front of this frame at this block, or None. Read-only: the runtime keeps those tokens aside and
+            puts them back itself (VisionZip copies the CLS state into its output).
     """
 
     x: torch.Tensor
@@ -36,6 +42,8 @@ class FrameGrid:
     owner: torch.Tensor
     metric: torch.Tensor | None = None
     is_grid: bool = True
+    attention: dict[Any, torch.Tensor] = field(default_factory=dict)
+    prefix_x: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -46,6 +54,22 @@ class FrameGrid:
     def num_tokens(self) -> int:
         """``h * w``."""
         return self.shape[0] * self.shape[1]
+
+    def attention_of(self, need: Any) -> torch.Tensor:
+        """The ``(H, h, w)`` encoder attention computed for ``need`` (a `tokcomp.contracts.EncoderAttention`).
+
+        Raises:
+            RuntimeError: The runtime did not compute it for this frame (the strategy's
+                `tokcomp.contracts.VisualStrategy.attention_needs` did not list it), or a strategy earlier
+                in the block changed the frame's tokens without carrying it.
+        """
+        a = self.attention.get(need)
+        if a is None or tuple(a.shape[1:]) != self.shape:
+            raise RuntimeError(
+                f"no encoder attention {need} for this {self.shape[0]}x{self.shape[1]} frame: list it in "
+                "attention_needs(), and keep it on frames you rebuild (FrameGrid.subset carries it)"
+            )
+        return a
 
     @classmethod
     def fresh(cls, x: torch.Tensor, metric: torch.Tensor | None = None) -> FrameGrid:
@@ -81,6 +105,7 @@ class FrameGrid:
         new_of_old[keep] = torch.arange(k, device=self.x.device)
         owner = torch.where(self.owner >= 0, new_of_old[self.owner.clamp(min=0)], self.owner)
         metric = None if self.metric is None else self.metric.reshape(n, -1)[keep].reshape(1, k, -1)
+        attention = {key: a.reshape(a.shape[0], n)[:, keep].reshape(-1, 1, k) for key, a in self.attention.items()}
         return FrameGrid(
             self.x.reshape(n, -1)[keep].reshape(1, k, -1),
             self.size.reshape(n)[keep].reshape(1, k),
@@ -88,6 +113,8 @@ class FrameGrid:
             owner,
             metric,
             is_grid=False,
+            attention=attention,
+            prefix_x=self.prefix_x,
         )
 
 
