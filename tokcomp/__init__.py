@@ -14,7 +14,7 @@ Examples:
 
 from __future__ import annotations
 
-from . import registry
+from . import presets, registry
 from .contracts import (
     Adapter,
     LLMDecision,
