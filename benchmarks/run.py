@@ -722,7 +722,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from tokcomp.bench import _DTYPES, BenchResult, build_model_and_inputs, run_bench
+    from tokcomp.bench import DTYPES as _DTYPES
+    from tokcomp.bench import BenchResult, build_model_and_inputs, run_bench
 
     dtype = _DTYPES[args.dtype]
     out_md = (

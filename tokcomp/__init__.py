@@ -64,5 +64,6 @@ __all__ = [
     "compress",
     "find_adapter",
     "hookimpl",
+    "presets",
     "registry",
 ]
