@@ -66,7 +66,7 @@ def budget_schedules(layers: int, llm_tokens: int, f: float = 0.35) -> dict[str,
 
     Examples:
         >>> sorted(budget_schedules(8, 144, 0.25))[:3]
-        ['downsample@0.25', 'fastv@0.25', 'oim@0.25']
+        ['cdpruner@0.25', 'dart@0.25', 'divprune@0.25']
     """
     from . import registry
 
