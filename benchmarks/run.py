@@ -601,8 +601,10 @@ def render(results: dict[str, Any], cases_: list[Case], meta: dict[str, Any]) ->
             "",
         ]
     out += [
-        "Where the time goes (strategy overhead, attention masks, the vision tower, threads) is in the "
-        "[profiling notes](profiling.md).",
+        (
+            "Where the time goes (strategy overhead, attention masks, the vision tower, threads) is in the "
+            "[profiling notes](profiling.md)."
+        ),
         "",
         "## Reproduce",
         "",
