@@ -97,6 +97,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     get_anyres_image_grid_shape,
+    image_size_to_num_patches,
     unpad_image,
 )
 
@@ -106,6 +107,7 @@ from tokcomp.contracts import (
     CountItem,
     ItemShape,
     LLMInput,
+    PackedGrid,
     SampleLayout,
     ShapeFn,
     TokenCount,
@@ -507,6 +509,38 @@ class LlavaOnevisionAdapter(Adapter):
         grid = projector(ItemShape(1, h, w))
         n = grid.num_tokens
         return TokenCount(base + n, base + (grid.h * (grid.w + 1) if grid.is_grid else n + 1))
+
+    # -- displays ------------------------------------------------------------------------------------------
+    def packed_grid(self, call: dict[str, Any], image: int) -> PackedGrid | None:
+        """The AnyRes grid of a single-image sample's image: each packed cell takes the canvas patch at its
+        centre (the rule `pack_merged_anyres` follows); None for base-tile-only images (several images in
+        the sample)."""
+        cfg = self.model.config
+        sizes = call["image_sizes"]
+        counts = call.get("batch_num_images")
+        anyres = [True] * len(sizes) if counts is None else [int(n) == 1 for n in counts for _ in range(int(n))]
+        S = int(cfg.vision_config.image_size)
+        if not anyres[image] or image_size_to_num_patches(sizes[image], cfg.image_grid_pinpoints, S) == 1:
+            return None
+        h0, w0 = self.tile_grid
+        aspect = call.get("vision_aspect_ratio") or cfg.vision_aspect_ratio
+        max_tiles = int(str(aspect).removeprefix("anyres_max_"))
+        R, C = get_anyres_image_grid_shape(sizes[image], cfg.image_grid_pinpoints, S)
+        canvas = unpad_image(torch.arange(R * h0 * C * w0).view(1, R * h0, C * w0), sizes[image])[0]
+        c_rows, c_cols = canvas[:, 0] // (C * w0), canvas[0] % (C * w0)
+        hc, wc = len(c_rows), len(c_cols)
+        ratio = math.sqrt(hc * wc / (max_tiles * h0**2))
+        grid = (int(hc // ratio), int(wc // ratio)) if ratio > 1.1 else (hc, wc)
+        rr = c_rows[_nearest(torch.arange(grid[0])[:, None], grid[0], hc)]
+        cc = c_cols[_nearest(torch.arange(grid[1])[None, :], grid[1], wc)]
+        return PackedGrid(
+            grid=grid,
+            layout=(int(R), int(C)),
+            tile=(h0, w0),
+            content=(int(c_rows[0]), int(c_rows[-1]) + 1, int(c_cols[0]), int(c_cols[-1]) + 1),
+            cell_tile=(1 + (rr // h0) * C + cc // w0).reshape(-1),
+            cell_patch=((rr % h0) * w0 + cc % w0).reshape(-1),
+        )
 
     # -- images ------------------------------------------------------------------------------------------
     def _image_parts(self, call: dict[str, Any]) -> list[list[_Part]]:

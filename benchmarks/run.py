@@ -248,9 +248,8 @@ def _fmt_peaks(r: Any) -> str:
 def case_table(res: Any) -> list[str]:
     """A markdown table of one benchmark."""
     head = (
-        "| schedule | stages | visual tokens kept | prefill s | LLM prefill s | LLM speed-up: median / best "
-        "(FLOPs-ideal) | prefill speed-up: median (ideal) | TTFT s | decode tok/s | KV cache MiB | "
-        "peak MiB: prefill (LLM) | overhead (of prefill) | KL | greedy agreement |"
+        "| schedule | stages | kept | prefill s | LLM s | LLM × median / best (ideal) | prefill × (ideal) | "
+        "TTFT s | decode tok/s | KV MiB | peak MiB (LLM) | overhead | KL | agree |"
     )
     lines = [head, "|" + "---|" * 14]
     for r in res.rows():
@@ -268,15 +267,21 @@ def case_table(res: Any) -> list[str]:
             f"{_s(r.overhead_s, 3)} s ({_pct(r.overhead_fraction.get('prefill'))}) | "
             f"{r.fidelity.get('kl_first_token', 0):.3g} | {r.fidelity.get('greedy_agreement', 0):.0%} |"
         )
-    return lines
+    return boxed(lines)
+
+
+def boxed(table: list[str]) -> list[str]:
+    """A markdown table in its own horizontally scrolling box (``.bench-table`` in docs/assets/extra.css), so a
+    wide table scrolls by itself instead of running off the page."""
+    return ['<div class="bench-table" markdown>', "", *table, "", "</div>"]
 
 
 def target_verdicts(results: dict[str, Any]) -> tuple[list[str], list[str]]:
     """The three LUVC targets, checked on every Qwen2-VL-2B case with >= 2k visual tokens."""
     rows = [
         (
-            "| case | LLM prefill speed-up (median / best) | ≥ 2× | FLOPs-ideal | measured / ideal "
-            "(median / best) | ≥ 0.9 | SPU+OIM overhead / compressed prefill (LLM only) | ≤ 3% |"
+            "| case | LLM speed-up (median / best) | ≥ 2× | FLOPs-ideal | measured / ideal "
+            "(median / best) | ≥ 0.9 | SPU+OIM overhead of the prefill (LLM only) | ≤ 3% |"
         ),
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -302,7 +307,7 @@ def target_verdicts(results: dict[str, Any]) -> tuple[list[str], list[str]]:
                 f"{key}: speed-up {'met' if ok1 else 'NOT met'}, efficiency "
                 f"{'met' if ok2 else 'NOT met'}, overhead {'met' if ok3 else 'NOT met'}"
             )
-    return rows, verdicts
+    return boxed(rows), verdicts
 
 
 def full_tower_projection(res: Any, name: str = "luvc") -> dict[str, float] | None:
@@ -458,53 +463,6 @@ def machine_lines(
     ]
 
 
-STATIC_NOTES = """\
-## Where the time goes (profiling notes)
-
-Measured with cProfile at the commit above (`qwen2-vl-2b` shapes, bf16, 28 LLM layers, 1 thread), outside
-the suite, on a quiet machine:
-
-- **Strategy overhead.** `report.overhead_s` of `luvc` per prefill: 0.18 s at 2k visual tokens (two vision
-  blocks) and 0.37 s at 4k (one block), down from 0.30 s and 0.80 s at the previous benchmark page:
-    - OIM, two iterations on 8,192 (16,384) patches × 1,280 channels: 0.02 s (0.07-0.09 s), was 0.07 s
-      (0.40 s). `strategies/oim.py::_merge_whole_columns` averages only the lines that merge, in float32,
-      and copies the others (the general `_merge_columns` converted the whole grid to float32 and
-      `scatter_add_`ed every column); `_neighbour_cosine` computes neighbour similarities a few rows at a
-      time, so each float32 chunk stays in cache (3-4x faster than whole-grid temporaries). Results are
-      bit-identical.
-    - SPU over 26 layers: 0.14 s (0.24 s), ~80% of it float32 FFTs (there is no bf16 FFT on CPU). The
-      cascade's token counts are arbitrary, and a real FFT of odd length, or of an even length with a large
-      prime factor, runs 1.3-3x slower than one of a smooth length; for those lengths
-      `strategies/spu.py::_lowpass_filter` computes the same circular filter exactly as a convolution on a
-      zero-padded signal of an even 5-smooth length >= 2n-1 (tested against the DFT matrix), and
-      `_token_axis_scores` filters 128 channels at a time so that each spectrum is reduced to per-token
-      energies while it is in cache.
-    - The runtime's own bookkeeping (`_gather`, masks, `LLMView`) is ~0.03 s per prefill; the hidden
-      states are no longer copied by a `masked_fill` when no row has dead slots.
-- **Attention masks.** When a batch row has no padding, no dead slots and no merged tokens, the runtime
-  hands SDPA no mask (its fused causal path, like the uncompressed model; checked on these runs: every LLM
-  attention call of `spu` and `luvc` is mask-free). Strategies that merge in the LLM (PACT's proportional
-  attention) need an additive bias, hence a materialised `(B, 1, S, S)` float mask and the full score
-  rectangle in every later layer — one reason PACT stays further below its FLOPs-ideal than the pruners at
-  8k tokens.
-- **The vision tower dominates the Qwen2-VL prefill on CPU.** Its blocks attend over all patches of an image
-  (8,192 patches at 2k LLM tokens); PyTorch's CPU flash kernel reaches ~75 GFLOP/s at head dim 80 in bf16,
-  so one block costs ~2.5–5 s at 2k tokens and ~10–20 s at 4k. This is why the runs keep only one or two
-  of the 32 ViT blocks, and why the strategy overhead is a larger share of these reduced prefills than it
-  would be of the full model's.
-- **Threads.** The machine is shared; when another process keeps one of the 2 cores busy, PyTorch's 2
-  OpenMP threads wait for each other at every parallel region and small (compressed) layers suffer most: in
-  one interleaved test the uncompressed 4-layer LLM took 1.9–2.6 s and the OIM-compressed one (37% of the
-  tokens) 1.8–1.9 s with 2 threads, against 1.26 s and 0.42 s with 1 thread. The suite therefore runs with
-  `--threads 1`.
-- **FLOPs-ideal is not a hard upper bound on a CPU.** Across three runs of the target cases while this
-  page was prepared, luvc's measured / ideal LLM speed-up ranged from 0.95 to 1.07 (at 4k: 1.07 in one
-  run, 0.99 in another): the uncompressed prefill's larger activations (a 4k × 8,960 MLP intermediate is
-  70 MiB in bf16) run less efficiently per FLOP than the compressed ones, and run-to-run noise on this
-  shared machine is about ±5%.
-"""
-
-
 INTRO = """\
 Generated by `{command}` (finished {date}). Every number comes from one run of `tokcomp.bench.run_bench` per
 case, each case in a fresh process; under each table is the `tokcomp bench` command that measures it on
@@ -582,7 +540,7 @@ def render(results: dict[str, Any], cases_: list[Case], meta: dict[str, Any]) ->
         MEASURED,
     ]
     rows, verdicts = target_verdicts(results)
-    out += ["## LUVC targets on Qwen2-VL-2B shapes", ""]
+    out += ["## LUVC targets", ""]
     tcases = [c for c in cases_ if c.section == "targets" and c.key in results]
     if tcases:
         c0 = tcases[0]
@@ -597,7 +555,7 @@ def render(results: dict[str, Any], cases_: list[Case], meta: dict[str, Any]) ->
         ]
     for section, title in (
         ("targets", None),
-        ("equal", "Every preset and every strategy at an equal budget"),
+        ("equal", "Equal budget"),
         ("shapes", "Other model shapes"),
     ):
         sec = [c for c in cases_ if c.section == section and c.key in results]
@@ -609,10 +567,11 @@ def render(results: dict[str, Any], cases_: list[Case], meta: dict[str, Any]) ->
             out += [EQUAL.format(budget=f"{BUDGET:.0%}"), ""]
         for c in sec:
             res = results[c.key]
-            out += [f"### {c.key}: {res.model['description']}", ""]
+            out += [f"### {c.key}", ""]
             inp = res.inputs
             out.append(
-                f"Inputs: batch {inp['batch']}, {inp['sequence_length']} prompt tokens of which visual "
+                f"Model: {res.model['description']}. Inputs: batch {inp['batch']}, "
+                f"{inp['sequence_length']} prompt tokens of which visual "
                 f"{inp['visual_tokens']} (requested {c.visual_tokens}; image {inp.get('image_size')}); "
                 f"{res.repeats} timed rounds after one warm-up each; {res.new_tokens} new tokens; wall "
                 f"{res.wall_s / 60:.1f} min.{' ' + c.note if c.note else ''}"
@@ -628,7 +587,7 @@ def render(results: dict[str, Any], cases_: list[Case], meta: dict[str, Any]) ->
             ]
     if meta.get("plot"):
         out += [
-            "## Speed-up against the tokens kept",
+            "## Speed-up vs tokens kept",
             "",
             (
                 "![measured and FLOPs-ideal speed-up against the retained visual-token fraction]"
@@ -641,7 +600,19 @@ def render(results: dict[str, Any], cases_: list[Case], meta: dict[str, Any]) ->
             ),
             "",
         ]
-    out += [STATIC_NOTES, "## Reproduce", "", "```bash", meta["command"], "```", ""]
+    out += [
+        (
+            "Where the time goes (strategy overhead, attention masks, the vision tower, threads) is in the "
+            "[profiling notes](profiling.md)."
+        ),
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        meta["command"],
+        "```",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -722,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from tokcomp.bench import _DTYPES, BenchResult, build_model_and_inputs, run_bench
+    from tokcomp.bench import DTYPES as _DTYPES
+    from tokcomp.bench import BenchResult, build_model_and_inputs, run_bench
 
     dtype = _DTYPES[args.dtype]
     out_md = (

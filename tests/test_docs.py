@@ -202,6 +202,31 @@ def test_site_has_urls_and_formatted_signatures(site: tuple[subprocess.Completed
     assert html.unescape(re.sub(r"<[^>]+>", "", sig.group(1))).count("\n") >= 3, "signature not formatted"
 
 
+def test_benchmark_page_reads_on_a_page(site: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    """The benchmark page: every table in its own scrolling box (docs/assets/extra.css), short section
+    titles, and the profiling notes on a page of their own, linked."""
+    proc, out = site
+    if proc.returncode != 0:
+        pytest.fail("the site did not build; see test_mkdocs_build_strict")
+    page = (out / "benchmarks" / "index.html").read_text(encoding="utf-8")
+    body = _article(page)
+    tables = body.count("<table")
+    assert tables >= 5
+    boxed = re.findall(r'<div class="bench-table">\s*(?:<div class="md-typeset__scrollwrap">\s*'
+                       r'<div class="md-typeset__table">\s*)?<table', body)
+    assert len(boxed) == tables, f"{tables - len(boxed)} of {tables} tables are not in a .bench-table box"
+    assert "assets/extra.css" in page
+    css = (out / "assets" / "extra.css").read_text(encoding="utf-8")
+    assert re.search(r"\.bench-table\s*\{[^}]*overflow-x:\s*auto", css)
+    titles = [html.unescape(re.sub(r"<[^>]+>", "", t)).replace("¶", "").strip()
+              for t in re.findall(r"<h[23][^>]*>(.*?)</h[23]>", body, re.DOTALL)]
+    assert titles and all(len(t) <= 32 for t in titles), [t for t in titles if len(t) > 32]
+    assert not any("profil" in t.lower() for t in titles)
+    assert "cProfile" not in body and 'href="../profiling/"' in body
+    notes = _article((out / "profiling" / "index.html").read_text(encoding="utf-8"))
+    assert "cProfile" in notes and "Strategy overhead" in notes
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pages that describe code: they must keep up with it
 # ---------------------------------------------------------------------------------------------------------

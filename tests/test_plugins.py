@@ -250,3 +250,51 @@ def test_tokcomp_eval_scores_a_plugin_strategy(example_plugin: Path) -> None:
         # Every sample keeps ceil(144 / n) tokens from the stage's layer on.
         expected = (first * 144 + (layers - first) * math.ceil(144 / n)) / (layers * 144)
         assert math.isclose(r.retained, expected, rel_tol=1e-9), (name, r.retained, expected)
+
+
+class _PresetAndBudgetPlugin:
+    """An in-process plugin that composes a built-in strategy into a preset and an equal-budget schedule,
+    the way ``tokcomp.strategies.presets`` and ``tokcomp.strategies.budgets`` register tokcomp's own."""
+
+    @tc.hookimpl
+    def tokcomp_register_presets(self, register):
+        register("fastv-at-1", lambda num_layers: tc.Schedule([tc.Stage("fastv", layers=[1], keep_ratio=0.25)]),
+                 "FastV at layer 1 keeping a quarter (test plugin)")
+
+    @tc.hookimpl
+    def tokcomp_register_budgets(self, register):
+        def build(layers: int, llm_tokens: int, f: float) -> tuple[float, tc.Schedule]:
+            return f, tc.Schedule([tc.Stage("random", layers=[0], keep_ratio=f)])
+
+        register("random-at-0", build, "random pruning at the LLM input (test plugin)")
+
+
+def test_a_plugin_preset_is_found_wherever_a_preset_name_is_taken(tmp_path: Path) -> None:
+    from tokcomp.bench import load_schedule
+    from tokcomp.budgets import budget_schedules
+
+    plugin = _PresetAndBudgetPlugin()
+    model = cached_model("qwen2_vl")
+    inputs = testing.tiny_inputs("qwen2_vl")
+    try:
+        registry.register_plugin(plugin, name="preset-test-package")
+        assert registry.presets()["fastv-at-1"].package == "preset-test-package"
+        assert tc.presets.PRESETS["fastv-at-1"][1].endswith("(test plugin)")
+        (tmp_path / "s.json").write_text('{"preset": "fastv-at-1"}')
+        for schedule in ("fastv-at-1", tc.Schedule.preset("fastv-at-1"),
+                         tc.Schedule.from_file(tmp_path / "s.json"), load_schedule("fastv-at-1")):
+            with torch.no_grad(), tc.compress(model, schedule) as run:
+                model(**inputs)
+            rep = run.report()
+            assert rep.visual_tokens[0] == rep.original_visual
+            assert rep.visual_tokens[1] == [math.ceil(n * 0.25) for n in rep.original_visual], schedule
+        # the budget factory joins every strategy's equal-budget schedules, next to the built-ins
+        scheds = budget_schedules(6, 48, 0.25)
+        assert "random-at-0@0.25" in scheds and "fastv@0.25" in scheds
+        assert scheds["random-at-0@0.25"].to_dict()["stages"][0]["layers"] == [0]
+    finally:
+        if registry.plugin_manager().is_registered(plugin):
+            registry.unregister_plugin(plugin)
+        registry.reload()
+    assert "fastv-at-1" not in registry.presets()
+    assert not any(k.startswith("random-at-0") for k in budget_schedules(6, 48, 0.25))

@@ -167,3 +167,27 @@ def test_onevision_anyres_panel_is_the_packed_grid():
     h, w = grid["patch_grid"]
     assert llm_input["tokens"] == [16, h * w]
     assert grid["picture"].shape[:2] == (h * 14, w * 14)
+
+
+def test_packed_grid_is_the_adapter_contract():
+    """viz reads LLaVA-OneVision's AnyRes packing through `Adapter.packed_grid`: the packed grid is the
+    layout's AnyRes item, every cell reads a real tile and patch; images that are not packed (another
+    adapter, a base-tile-only image of a multi-image sample) give None."""
+    model = cached_model("llava_onevision", layers=8)
+    adapter = tc.find_adapter(model)
+    one = dict(testing.tiny_inputs("llava_onevision", [[PICTURE]]))
+    packed = adapter.packed_grid(one, 0)
+    assert isinstance(packed, tc.contracts.PackedGrid)
+    lay = adapter.layouts(one)[0]
+    assert packed.grid == tuple(lay.items[1].grid[1:])
+    rows, cols = packed.layout
+    h0, w0 = packed.tile
+    assert packed.cell_tile.shape == packed.cell_patch.shape == (packed.grid[0] * packed.grid[1],)
+    assert 1 <= int(packed.cell_tile.min()) and int(packed.cell_tile.max()) <= rows * cols
+    assert 0 <= int(packed.cell_patch.min()) and int(packed.cell_patch.max()) < h0 * w0
+    top, bottom, left, right = packed.content
+    assert 0 <= top < bottom <= rows * h0 and 0 <= left < right <= cols * w0
+    two = dict(testing.tiny_inputs("llava_onevision", [[PICTURE, PICTURE]]))
+    assert adapter.packed_grid(two, 0) is None
+    qwen = cached_model("qwen2_vl", layers=8)
+    assert tc.find_adapter(qwen).packed_grid(dict(testing.tiny_inputs("qwen2_vl")), 0) is None

@@ -14,7 +14,7 @@ Examples:
 
 from __future__ import annotations
 
-from . import registry
+from . import presets, registry
 from .contracts import (
     Adapter,
     LLMDecision,
@@ -64,5 +64,6 @@ __all__ = [
     "compress",
     "find_adapter",
     "hookimpl",
+    "presets",
     "registry",
 ]

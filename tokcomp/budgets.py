@@ -1,15 +1,20 @@
-"""Every built-in strategy configured to one retained-token budget (the "equal-budget" schedules).
+"""Every registered strategy configured to one retained-token budget (the "equal-budget" schedules).
 
 `budget_schedules` is shared by the benchmark suite (``benchmarks/run.py``) and the accuracy
-evaluation (`tokcomp.evaluate`), so that "at 25%" means the same configuration in both.
+evaluation (`tokcomp.evaluate`), so that "at 25%" means the same configuration in both. The schedules
+themselves come from plugins (hook ``tokcomp_register_budgets``): the built-in strategies' from
+``tokcomp.strategies.budgets``, a third party's from its own package, so that this module names no
+strategy.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import TYPE_CHECKING
 
-__all__ = ["budget_schedules", "geometric_decay"]
+if TYPE_CHECKING:
+    from .schedule import Schedule
+
+__all__ = ["budget_schedules", "geometric_decay", "llm_pruning_point"]
 
 
 def geometric_decay(layers: int, first: int, target: float) -> float:
@@ -32,7 +37,7 @@ def geometric_decay(layers: int, first: int, target: float) -> float:
     return round((lo + hi) / 2, 4)
 
 
-def budget_schedules(layers: int, llm_tokens: int, f: float = 0.35) -> dict[str, Any]:
+def budget_schedules(layers: int, llm_tokens: int, f: float = 0.35) -> dict[str, Schedule]:
     """Every strategy configured to keep about a fraction ``f`` of the visual tokens over the LLM layers.
 
     LLM-side pruners act at layer ``K = 2`` (FastV's K; the first layer with attention scores behind it)
@@ -53,53 +58,41 @@ def budget_schedules(layers: int, llm_tokens: int, f: float = 0.35) -> dict[str,
         llm_tokens: Visual tokens per sample at the LLM input (ToMe's ``r`` is half of it).
         f: The budget: mean fraction of the visual tokens kept over the LLM layers.
 
+    Every factory registered with ``tokcomp_register_budgets`` contributes one schedule (the built-ins'
+    rules are the ones above; a plugin's strategy joins the comparison by registering its own).
+
     Returns:
         ``{"spu@0.35": Schedule, "fastv@0.35": ..., "pact@...", "random@...", "vtw@...", "oim@...",
-        "downsample@...", "tome@0.50": ...}``, names tagged with ``f`` to two decimals.
+        "downsample@...", "tome@0.50": ...}``, each name tagged with the budget its factory aimed at, to
+        two decimals.
 
     Examples:
         >>> sorted(budget_schedules(8, 144, 0.25))[:3]
-        ['downsample@0.25', 'fastv@0.25', 'oim@0.25']
+        ['cdpruner@0.25', 'dart@0.25', 'divprune@0.25']
     """
-    import tokcomp as tc
-    from tokcomp.strategies import (
-        DART,
-        OIM,
-        PACT,
-        SPU,
-        VTW,
-        CDPruner,
-        DivPrune,
-        Downsample,
-        FastV,
-        RandomPrune,
-        ToMe,
-        VisionZip,
-    )
+    from . import registry
 
+    out: dict[str, Schedule] = {}
+    for name, reg in registry.budgets().items():
+        target, schedule = reg.obj(layers, llm_tokens, f)
+        out[f"{name}@{target:.2f}"] = schedule
+    return out
+
+
+def llm_pruning_point(layers: int, f: float) -> tuple[int, float]:
+    """Where an LLM-side pruner acts, and what it keeps, for a mean retained fraction ``f``: ``(K, r)``
+    with ``(K + (L-K)·r) / L = f`` (the rule of `budget_schedules`).
+
+    Args:
+        layers: LLM depth ``L``.
+        f: The budget.
+
+    Returns:
+        ``K`` (2, or 1 when even ``r = 0.01`` at layer 2 keeps more than ``f``) and ``r`` (at least 0.01).
+
+    Examples:
+        >>> llm_pruning_point(28, 0.35)
+        (2, 0.3)
+    """
     k = 2 if f * layers >= 2 + 0.01 * (layers - 2) or layers <= 2 else 1
-    r = max(0.01, round((f * layers - k) / (layers - k), 4))
-    tag = f"{f:.2f}"
-    return {
-        f"spu@{tag}": tc.Schedule(
-            [tc.Stage(SPU(schedule="geometric", decay=geometric_decay(layers, 2, f)), site="llm",
-                      layers=range(2, layers))]
-        ),
-        f"fastv@{tag}": tc.Schedule([tc.Stage(FastV(keep_ratio=r), site="llm", layers=[k])]),
-        f"pact@{tag}": tc.Schedule([tc.Stage(PACT(keep_ratio=r), site="llm", layers=[k])]),
-        f"random@{tag}": tc.Schedule([tc.Stage(RandomPrune(keep_ratio=r), site="llm", layers=[k])]),
-        f"dart@{tag}": tc.Schedule([tc.Stage(DART(keep_ratio=r), site="llm", layers=[k])]),
-        f"divprune@{tag}": tc.Schedule([tc.Stage(DivPrune(keep_ratio=f), site="projector")]),
-        f"cdpruner@{tag}": tc.Schedule([tc.Stage(CDPruner(keep_ratio=f), site="llm", layers=[0])]),
-        f"visionzip@{tag}": tc.Schedule([tc.Stage(
-            VisionZip(dominant_ratio=round(f * 54 / 64, 4), contextual_ratio=round(f * 10 / 64, 4)),
-            site="projector")]),
-        f"vtw@{tag}": tc.Schedule([tc.Stage(VTW(), site="llm", layers=[max(1, round(f * layers))])]),
-        f"oim@{tag}": tc.Schedule(
-            [tc.Stage(OIM(rate=round(1 - math.sqrt(f), 3), iterations=2), site="encoder")]
-        ),
-        f"downsample@{tag}": tc.Schedule(
-            [tc.Stage(Downsample(factor=round(1 / math.sqrt(f), 3)), site="encoder")]
-        ),
-        "tome@0.50": tc.Schedule([tc.Stage(ToMe(r=llm_tokens // 2), site="projector")]),
-    }
+    return k, max(0.01, round((f * layers - k) / (layers - k), 4))

@@ -10,15 +10,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
 
 from .errors import ScheduleError
-
-if TYPE_CHECKING:
-    from .schedule import Stage
 
 __all__ = [
     "SITES",
@@ -31,10 +28,12 @@ __all__ = [
     "LLMDecision",
     "LLMStrategy",
     "LLMView",
+    "PackedGrid",
     "Projections",
     "SampleLayout",
     "ShapeStep",
     "Site",
+    "StagePlacement",
     "Strategy",
     "TokenCount",
     "VisualItem",
@@ -45,6 +44,21 @@ Site = Literal["encoder", "projector", "llm"]
 """Where a stage runs: inside the vision encoder, on the projector's output, or between LLM layers."""
 SITES: tuple[str, ...] = ("encoder", "projector", "llm")
 """The sites, in data-flow order."""
+
+
+class StagePlacement(Protocol):
+    """Where a stage runs, as `Strategy.validate` reads it (`tokcomp.Stage` is one).
+
+    Declared here rather than importing `tokcomp.schedule.Stage`, so that the contracts import nothing
+    of the schedule layer built on them (the schedule imports the contracts, not the other way round).
+
+    Attributes:
+        site: ``"encoder"``, ``"projector"`` or ``"llm"``.
+        layers: The stage's layers, or None for the strategy's default.
+    """
+
+    site: str
+    layers: list[int] | None
 
 
 @dataclass(frozen=True)
@@ -275,7 +289,7 @@ class Strategy:
         """Layers used when a stage gives none."""
         raise ScheduleError(f"strategy {self.name!r} has no default layers: pass layers=[...] to its Stage")
 
-    def validate(self, stage: Stage, adapter: Adapter) -> None:
+    def validate(self, stage: StagePlacement, adapter: Adapter) -> None:
         """Model-dependent checks, run by `tokcomp.compress` before anything runs."""
 
     def params(self) -> dict[str, Any]:
@@ -416,7 +430,7 @@ class VisualStrategy(Strategy):
         """
         return None
 
-    def validate(self, stage: Stage, adapter: Adapter) -> None:
+    def validate(self, stage: StagePlacement, adapter: Adapter) -> None:
         """A grid-breaking strategy cannot feed a projector that needs the grid; keys need an earlier block."""
         if self.metric == "keys":
             if stage.site == "projector":
@@ -631,6 +645,21 @@ class Adapter:
         """How the LLM input follows what the vision tower emitted (see `LLMInput`)."""
         raise NotImplementedError
 
+    # -- displays (`tokcomp.viz`) ----------------------------------------------------------------------------
+    def packed_grid(self, call: dict[str, Any], image: int) -> PackedGrid | None:
+        """How the model packs image ``image`` (its index among the call's images) from several tower rows
+        (tiles) into one LLM item, for displays that map the item's tokens back to pixels.
+
+        Args:
+            call: The processor output (or model call) holding the image.
+            image: Index of the image among the call's images, in batch order.
+
+        Returns:
+            The packing, or None (the default) when each tower row is its own item and there is nothing to
+            stitch.
+        """
+        return None
+
     # -- count functions (`tokcomp.counts`) ---------------------------------------------------------------
     def count_items(self, call: dict[str, Any]) -> list[list[CountItem]]:
         """Per sample, its visual items (`CountItem`, prompt order) from a processor output or model call.
@@ -648,6 +677,30 @@ class Adapter:
             tokcomp.errors.ScheduleError: The count depends on the data for this item (the message says why).
         """
         raise NotImplementedError(f"the {self.name!r} adapter cannot predict its token counts")
+
+
+@dataclass(frozen=True)
+class PackedGrid:
+    """An LLM item the model stitches from a grid of tiles (LLaVA-OneVision's AnyRes grid), before any
+    compression: `Adapter.packed_grid` says, for each of its cells, which tile's patch the cell shows.
+
+    Attributes:
+        grid: ``(h, w)`` cells of the packed item.
+        layout: ``(rows, cols)`` tiles the picture was cut into (raster order).
+        tile: ``(h0, w0)`` patches per tile.
+        content: ``(top, bottom, left, right)`` the patch rows and columns of the stitched canvas the
+            model keeps (its unpadding), bottom and right exclusive.
+        cell_tile: ``(h * w,)`` per cell (raster), the tower row it reads, counted from the image's first
+            row (row 0 is the base tile, the grid's tiles start at 1).
+        cell_patch: ``(h * w,)`` per cell, the patch index (raster over ``h0 x w0``) inside that tile.
+    """
+
+    grid: tuple[int, int]
+    layout: tuple[int, int]
+    tile: tuple[int, int]
+    content: tuple[int, int, int, int]
+    cell_tile: torch.Tensor
+    cell_patch: torch.Tensor
 
 
 @dataclass

@@ -343,7 +343,8 @@ def evaluate(
 
     import tokcomp as tc
 
-    from .bench import _describe, load_schedule, machine_info
+    from .bench import load_schedule, machine_info
+    from .bench.schedules import _describe
     from .train import encode
 
     t_start = time.perf_counter()

@@ -44,3 +44,14 @@ class TokcompHookSpecs:
 
         ``factory(num_layers: int) -> Schedule`` builds the schedule for an LLM of that depth.
         """
+
+    @hookspec
+    def tokcomp_register_budgets(self, register: Callable[..., None]) -> None:
+        """Register equal-budget schedules: ``register(name, factory, description)``.
+
+        ``factory(layers: int, llm_tokens: int, f: float) -> (budget, Schedule)`` configures the strategy to
+        keep about a fraction ``f`` of the visual tokens over ``layers`` LLM layers (``llm_tokens`` visual
+        tokens per sample at the LLM input) and returns the budget it aimed at (``f``, or the one it is
+        limited to) with the schedule. `tokcomp.budgets.budget_schedules` collects them as
+        ``"name@budget"``.
+        """

@@ -1,131 +1,78 @@
-"""Built-in schedule presets (`Schedule.preset`), registered through the ``tokcomp`` entry point.
+"""Schedule presets (`Schedule.preset`): named schedules, each a function of the LLM's depth.
 
-Each preset is a function of the LLM's depth. Where its numbers come from is in its description.
+Presets are registered by plugins (hook ``tokcomp_register_presets``, see `tokcomp.hookspecs`); tokcomp's
+own live next to the strategies they compose, in ``tokcomp.strategies.presets``, and arrive through the
+same entry point a third-party package uses. This module reads them from the registry, so the core names
+no strategy.
+
+Examples:
+    >>> from tokcomp import presets
+    >>> "luvc" in presets.names()
+    True
+    >>> presets.build("fastv", 28).stages[0].layers
+    [2]
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
-from .hookspecs import hookimpl
-from .schedule import Schedule, Stage
+if TYPE_CHECKING:
+    from .schedule import Schedule
 
-__all__ = ["PRESETS", "tokcomp_register_presets"]
-
-
-def _spu(num_layers: int) -> Schedule:
-    from tokcomp.strategies import SPU
-
-    return Schedule([Stage(SPU(), site="llm", layers=range(min(2, num_layers - 1), num_layers))])
+__all__ = ["PRESETS", "build", "describe", "names"]
 
 
-def _luvc_document(num_layers: int) -> Schedule:
-    from tokcomp.strategies import SPU
+def names() -> list[str]:
+    """The registered preset names, sorted."""
+    from . import registry
 
-    return Schedule([Stage(SPU(), site="llm", layers=range(num_layers // 2, num_layers))])
-
-
-def _luvc(num_layers: int) -> Schedule:
-    from tokcomp.strategies import OIM, SPU
-
-    return Schedule([
-        Stage(OIM(rate=0.25, iterations=2), site="encoder"),
-        Stage(SPU(), site="llm", layers=range(min(2, num_layers - 1), num_layers)),
-    ])
+    return sorted(registry.presets())
 
 
-def _luvc_video(num_layers: int) -> Schedule:
-    from tokcomp.strategies import OIM, SPU
+def describe(name: str) -> str:
+    """The one-line description preset ``name`` was registered with (where its numbers come from).
 
-    return Schedule([
-        Stage(OIM(rate=0.25, iterations=4), site="encoder"),
-        Stage(SPU(), site="llm", layers=range(min(2, num_layers - 1), num_layers)),
-    ])
+    Raises:
+        ScheduleError: No preset of that name (the message lists the registered ones).
+    """
+    from . import registry
 
-
-def _fastv(num_layers: int) -> Schedule:
-    from tokcomp.strategies import FastV
-
-    return Schedule([Stage(FastV(keep_ratio=0.5), site="llm", layers=[min(2, num_layers - 1)])])
+    return registry.get_preset(name).description
 
 
-def _pact(cutoff: float, keep: float) -> Callable[[int], Schedule]:
-    def build(num_layers: int) -> Schedule:
-        from tokcomp.strategies import PACT
+def build(name: str, num_layers: int) -> Schedule:
+    """Preset ``name`` built for an LLM of depth ``num_layers`` (`Schedule.preset` with a depth).
 
-        return Schedule([Stage(PACT(keep_ratio=keep, cutoff=cutoff), site="llm", layers=[min(4, num_layers - 1)])])
+    Raises:
+        ScheduleError: No preset of that name.
+    """
+    from .schedule import Schedule
 
-    return build
-
-
-def _vtw(num_layers: int) -> Schedule:
-    from tokcomp.strategies import VTW
-
-    return Schedule([Stage(VTW(), site="llm", layers=[num_layers // 2])])
+    return Schedule.preset(name, num_layers)
 
 
-def _dart(num_layers: int) -> Schedule:
-    from tokcomp.strategies import DART
+class _RegisteredPresets(Mapping[str, "tuple[Callable[[int], Schedule], str]"]):
+    """A read-only view of the registry's presets: name -> (factory, description)."""
 
-    return Schedule([Stage(DART(keep_ratio=0.111), site="llm", layers=[min(2, num_layers - 1)])])
+    def _table(self) -> dict[str, tuple[Callable[[int], Schedule], str]]:
+        from . import registry
 
+        return {n: (r.obj, r.description) for n, r in registry.presets().items()}
 
-def _divprune(num_layers: int) -> Schedule:
-    from tokcomp.strategies import DivPrune
+    def __getitem__(self, name: str) -> tuple[Callable[[int], Schedule], str]:
+        return self._table()[name]
 
-    return Schedule([Stage(DivPrune(keep_ratio=0.098), site="projector")])
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
 
+    def __len__(self) -> int:
+        return len(self._table())
 
-def _cdpruner(num_layers: int) -> Schedule:
-    from tokcomp.strategies import CDPruner
-
-    return Schedule([Stage(CDPruner(keep_ratio=0.111), site="llm", layers=[0])])
-
-
-def _visionzip(site: str) -> Callable[[int], Schedule]:
-    def build(num_layers: int) -> Schedule:
-        from tokcomp.strategies import VisionZip
-
-        # 54 dominant + 10 contextual of LLaVA-1.5's 576 patches (the README's 64-token setting), as ratios so
-        # that other towers keep the same fraction
-        return Schedule([Stage(VisionZip(dominant_ratio=54 / 576, contextual_ratio=10 / 576), site=site)])
-
-    return build
+    def __repr__(self) -> str:
+        return f"PRESETS({sorted(self._table())})"
 
 
-PRESETS: dict[str, tuple[Callable[[int], Schedule], str]] = {
-    "luvc": (_luvc, ("LUVC for images: OIM 2 iterations (width, height; rate 0.25) in the last third of the "
-                    "encoder + SPU cascade from layer 2 (project's starting choice; paper's numbers unreadable)")),
-    "luvc-video": (_luvc_video, ("LUVC for video: OIM 4 iterations at rate 0.25 (0.75^4: about 3x fewer tokens "
-                                "after the encoder, 2.9-3.2x measured on Qwen2-VL frames of 32-64 patches a "
-                                "side; not the 4x of the 8192->2048 regime) + SPU cascade from layer 2 "
-                                "(project's starting choice)")),
-    "spu": (_spu, "SPU linear cascade from layer 2 to zero visual tokens at the last layer (LUVC, LLM side)"),
-    "luvc-document": (_luvc_document, "no OIM, SPU cascade from half depth (LUVC: documents/charts/OCR)"),
-    "fastv": (_fastv, "FastV K=2, R=50% (the paper's headline setting)"),
-    "pact": (_pact(0.21, 0.55), ("PACT at layer 4 with the reference's LLaVA-OneVision-7B defaults "
-                                "(cutoff 0.21, keep 0.55; scripts/*.sh of orailix/PACT)")),
-    "pact-qwen2-vl": (_pact(0.10, 0.80), ("PACT at layer 4 with the reference's Qwen2-VL-7B defaults "
-                                         "(cutoff 0.10, keep 0.80)")),
-    "vtw": (_vtw, "VTW at half depth (reference K=15/16 of 32 layers); use vtw.search_k for a model"),
-    "dart": (_dart, ("DART at layer 2 with 4 + 4 pivots, 88.9% of the visual tokens pruned (the abstract's headline; "
-                    "the reference's Qwen counting rule keeps 4 + 8 * int(n * 0.111 / 8))")),
-    "divprune": (_divprune, "DivPrune on the projected tokens, ratio 0.098 (the reference's SUBSET_RATIO: 56 of 576)"),
-    "visionzip": (_visionzip("encoder"), ("VisionZip at the last encoder block (LLaVA-1.5's feature layer), 54 dominant "
-                                         "(CLS included) + 10 contextual of 576 patches: the README's 64-token "
-                                         "setting, as fractions of the tower's patches; needs an encoder site that "
-                                         "takes a 1-D token list (LLaVA)")),
-    "visionzip-qwen": (_visionzip("projector"), ("VisionZip's Qwen port (llmc) at the projector: received attention "
-                                                 "of the last encoder block, 54/576 dominant + 10/576 contextual of "
-                                                 "each image's LLM tokens")),
-    "cdpruner": (_cdpruner, ("CDPruner on the LLM input, 11.1% per image (the reference's visual_token_num=64 of "
-                            "LLaVA-1.5's 576; relevance from the LLM's prompt embeddings, tokcomp's adaptation)")),
-}
-"""The built-in presets: name -> (factory of the LLM depth, description with the numbers' source)."""
-
-
-@hookimpl
-def tokcomp_register_presets(register: Callable[..., None]) -> None:
-    """Register the built-in presets."""
-    for name, (factory, description) in PRESETS.items():
-        register(name, factory, description)
+PRESETS: Mapping[str, tuple[Callable[[int], Schedule], str]] = _RegisteredPresets()
+"""Every registered preset (built-in and plugins'): name -> (factory of the LLM depth, description)."""

@@ -1,7 +1,8 @@
-"""The plugin registry: every strategy, adapter and preset tokcomp knows, built-in or third-party.
+"""The plugin registry: every strategy, adapter, preset and equal-budget schedule tokcomp knows, built-in
+or third-party.
 
-Built-in strategies and adapters arrive exactly like a third party's: through the entry-point group
-``tokcomp`` and the hooks in `tokcomp.hookspecs`. Plugins are loaded once, on first use.
+Built-in strategies, adapters, presets and budget schedules arrive exactly like a third party's: through the
+entry-point group ``tokcomp`` and the hooks in `tokcomp.hookspecs`. Plugins are loaded once, on first use.
 
 Examples:
     >>> import tokcomp
@@ -28,6 +29,7 @@ __all__ = [
     "Registration",
     "adapter_order",
     "adapters",
+    "budgets",
     "describe",
     "get_adapter",
     "get_preset",
@@ -48,7 +50,7 @@ class Registration:
 
     Attributes:
         name: The key it is found by.
-        obj: The class (strategy, adapter) or factory (preset).
+        obj: The class (strategy, adapter) or factory (preset, budget schedule).
         package: The distribution (or plugin name) that registered it.
         description: One line, for listings.
     """
@@ -145,13 +147,14 @@ def reload() -> None:
 def _rebuild() -> dict[str, dict[str, Registration]]:
     global _tables
     pm = plugin_manager()
-    tables: dict[str, dict[str, Registration]] = {"strategy": {}, "adapter": {}, "preset": {}}
+    tables: dict[str, dict[str, Registration]] = {"strategy": {}, "adapter": {}, "preset": {}, "budget": {}}
     for plugin in pm.get_plugins():
         package = _plugin_package.get(id(plugin), pm.get_name(plugin) or repr(plugin))
         for kind, hook in (
             ("strategy", "tokcomp_register_strategies"),
             ("adapter", "tokcomp_register_adapters"),
             ("preset", "tokcomp_register_presets"),
+            ("budget", "tokcomp_register_budgets"),
         ):
             impl = getattr(plugin, hook, None)
             if impl is None:
@@ -175,10 +178,10 @@ def _rebuild() -> dict[str, dict[str, Registration]]:
 
 def _registrar(table: dict[str, Registration], kind: str, package: str) -> Callable[..., None]:
     def register(obj_or_name: Any, factory: Any = None, description: str = "") -> None:
-        if kind == "preset":
+        if kind in ("preset", "budget"):
             name, obj = str(obj_or_name), factory
             if not callable(obj):
-                raise PluginError(f"package {package!r} registered preset {name!r} without a factory")
+                raise PluginError(f"package {package!r} registered {kind} {name!r} without a factory")
         else:
             obj = obj_or_name
             name = getattr(obj, "name", "")
@@ -214,6 +217,11 @@ def adapters() -> dict[str, Registration]:
 def presets() -> dict[str, Registration]:
     """Registered schedule presets by name."""
     return dict(_tables_now()["preset"])
+
+
+def budgets() -> dict[str, Registration]:
+    """Registered equal-budget schedule factories by name (`tokcomp.budgets.budget_schedules` calls them)."""
+    return dict(_tables_now()["budget"])
 
 
 def _get(kind: str, table: dict[str, Registration], name: str) -> Registration:

@@ -1,9 +1,11 @@
 """Real model *shapes* with random weights, for benchmarks where the checkpoints are not available.
 
 Compute cost depends on shapes, not on weight values, so a model with the published widths, depths and
-heads of a real checkpoint, but random weights, costs what the real one costs. This module holds the
-published ``config.json`` values of six checkpoints and builds the matching ``transformers`` model, its
-processor and synthetic inputs of a requested visual-token count:
+heads of a real checkpoint, but random weights, costs what the real one costs. tokcomp ships the
+published ``config.json`` values of six checkpoints as package data (``tokcomp/data/shapes/<name>/``:
+``config.json``, read with ``AutoConfig.from_pretrained(folder)``, and ``source.json``, the hub id and
+notes); this module loads them and builds the matching ``transformers`` model, its processor and synthetic
+inputs of a requested visual-token count:
 
 | name | checkpoint (Hugging Face hub id) | LLM | vision tower |
 |---|---|---|---|
@@ -14,7 +16,7 @@ processor and synthetic inputs of a requested visual-token count:
 | ``qwen3-vl-2b`` | ``Qwen/Qwen3-VL-2B-Instruct`` | 28 × 2048, 16 / 8 heads | ViT 24 × 1024, DeepStack 5, 11, 17 |
 | ``qwen3-vl-8b`` | ``Qwen/Qwen3-VL-8B-Instruct`` | 36 × 4096, 32 / 8 heads | ViT 27 × 1152, DeepStack 8, 16, 24 |
 
-The values in `SHAPES` are transcribed from those checkpoints' published ``config.json`` files (for
+The shipped values are transcribed from those checkpoints' published ``config.json`` files (for
 InternVL2.5-1B, the ``llm_config`` / ``vision_config`` of the original repository, mapped onto
 ``transformers``' ``InternVLConfig`` field names). They were written from the published files, not
 downloaded here: nothing in this module touches the network. The two Qwen3-VL shapes were checked against
@@ -38,89 +40,97 @@ full attention like the real one.
 
 Examples:
     >>> from tokcomp.shapes import SHAPES, shape_config
-    >>> SHAPES["qwen2-vl-2b"].text["hidden_size"]
+    >>> SHAPES["qwen2-vl-2b"].config.text_config.hidden_size
     1536
+    >>> SHAPES["qwen2-vl-2b"].published_vocab_size
+    151936
     >>> shape_config("qwen2-vl-2b", layers=2, vision_blocks=1).text_config.num_hidden_layers
     2
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     BatchFeature,
     GotOcr2ImageProcessorPil,
-    InternVLConfig,
-    LlavaOnevisionConfig,
     LlavaOnevisionImageProcessorPil,
     PreTrainedConfig,
     PreTrainedModel,
     ProcessorMixin,
-    Qwen2_5_VLConfig,
-    Qwen2Config,
-    Qwen2VLConfig,
     Qwen2VLImageProcessorPil,
-    Qwen3VLConfig,
-    SiglipVisionConfig,
 )
-from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
-    Qwen2_5_VLTextConfig,
-    Qwen2_5_VLVisionConfig,
-)
-from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
-from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
 
 from . import testing
 
 __all__ = [
     "SHAPES",
+    "SHAPES_DIR",
     "ModelShape",
     "image_size_for",
+    "load_shapes",
     "shape_config",
     "shape_inputs",
     "shape_model",
     "shape_processor",
 ]
 
+SHAPES_DIR: Path = Path(__file__).resolve().parent / "data" / "shapes"
+"""Where the shipped shapes live: one folder per shape with ``config.json`` and ``source.json``."""
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class ModelShape:
-    """The published shape of one checkpoint.
+    """The published shape of one checkpoint, read from its shipped folder.
 
     Attributes:
-        name: tokcomp's short name (``"qwen2-vl-2b"``).
+        name: tokcomp's short name (``"qwen2-vl-2b"``), the folder's name.
+        folder: The folder holding ``config.json`` (the published values) and ``source.json``.
         checkpoint: The hub id whose ``config.json`` the values come from.
-        arch: The `tokcomp.testing` architecture whose vocabulary, tokenizer and processor class it uses.
-        text: Text-config values (``hidden_size``, ``num_hidden_layers``, ...).
-        vision: Vision-config values.
-        extra: Top-level config values (``image_grid_pinpoints``, ``downsample_ratio``, ...).
-        published_vocab_size: The checkpoint's vocabulary (not used: see the module docstring).
         notes: Anything a reader of a benchmark should know about the transcription.
     """
 
     name: str
+    folder: Path
     checkpoint: str
-    arch: str
-    text: dict[str, Any]
-    vision: dict[str, Any]
-    extra: dict[str, Any] = field(default_factory=dict)
-    published_vocab_size: int = 0
     notes: str = ""
+
+    @cached_property
+    def config(self) -> PreTrainedConfig:
+        """The published config, as ``AutoConfig.from_pretrained(folder)`` reads it (do not modify it:
+        `shape_config` builds a fresh one)."""
+        return AutoConfig.from_pretrained(self.folder)
+
+    @property
+    def arch(self) -> str:
+        """The `tokcomp.testing` architecture whose vocabulary, tokenizer and processor class it uses (the
+        config's ``model_type``)."""
+        return str(self.config.model_type)
+
+    @property
+    def published_vocab_size(self) -> int:
+        """The checkpoint's vocabulary (not used to build: see the module docstring)."""
+        return int(self.config.text_config.vocab_size)
 
     @property
     def num_layers(self) -> int:
         """The checkpoint's LLM depth."""
-        return int(self.text["num_hidden_layers"])
+        return int(self.config.text_config.num_hidden_layers)
 
     @property
     def num_vision_blocks(self) -> int:
         """The checkpoint's vision-tower depth."""
-        return int(self.vision.get("depth", self.vision.get("num_hidden_layers", 0)))
+        vc = self.config.vision_config
+        return int(getattr(vc, "depth", None) or vc.num_hidden_layers)
 
     def describe(self, layers: int | None = None, vision_blocks: int | None = None) -> str:
         """One line for reports: the checkpoint, and the reduction if any (said loudly)."""
@@ -131,211 +141,27 @@ class ModelShape:
         return f"{self.name}: shapes of {self.checkpoint}, random weights, tiny vocabulary; {depth}{reduced}"
 
 
-_OV_PINPOINTS = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]
+def load_shapes(folder: str | Path = SHAPES_DIR) -> dict[str, ModelShape]:
+    """Every shape folder under ``folder`` (a ``config.json`` and a ``source.json`` each), by folder name.
 
-# Qwen2-0.5B, the language model of both LLaVA-OneVision-0.5B and InternVL2.5-1B (they differ in tying).
-_QWEN2_0_5B: dict[str, Any] = {
-            "hidden_size": 896,
-            "intermediate_size": 4864,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 14,
-            "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1000000.0,
-            "max_position_embeddings": 32768,
-            "hidden_act": "silu",
-}
+    Args:
+        folder: A directory of shape folders; the default is the shipped one, `SHAPES_DIR`.
+
+    Raises:
+        FileNotFoundError: ``folder`` holds no shape.
+    """
+    out = {}
+    for sub in sorted(Path(folder).iterdir()):
+        if (sub / "config.json").is_file():
+            source = json.loads((sub / "source.json").read_text()) if (sub / "source.json").is_file() else {}
+            out[sub.name] = ModelShape(sub.name, sub, str(source.get("checkpoint", "")), str(source.get("notes", "")))
+    if not out:
+        raise FileNotFoundError(f"no model shape (a folder with config.json) under {folder}")
+    return out
 
 
-SHAPES: dict[str, ModelShape] = {
-    "qwen2-vl-2b": ModelShape(
-        name="qwen2-vl-2b",
-        checkpoint="Qwen/Qwen2-VL-2B-Instruct",
-        arch="qwen2_vl",
-        text={
-            "hidden_size": 1536,
-            "intermediate_size": 8960,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 12,
-            "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1000000.0,
-            "mrope_section": [16, 24, 24],
-            "max_position_embeddings": 32768,
-            "hidden_act": "silu",
-            "tie_word_embeddings": True,
-        },
-        vision={
-            "depth": 32,
-            "embed_dim": 1280,
-            "hidden_size": 1536,
-            "mlp_ratio": 4,
-            "num_heads": 16,
-            "patch_size": 14,
-            "temporal_patch_size": 2,
-            "spatial_merge_size": 2,
-            "hidden_act": "quick_gelu",
-        },
-        published_vocab_size=151936,
-    ),
-    "qwen2.5-vl-3b": ModelShape(
-        name="qwen2.5-vl-3b",
-        checkpoint="Qwen/Qwen2.5-VL-3B-Instruct",
-        arch="qwen2_5_vl",
-        text={
-            "hidden_size": 2048,
-            "intermediate_size": 11008,
-            "num_hidden_layers": 36,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1000000.0,
-            "mrope_section": [16, 24, 24],
-            "max_position_embeddings": 128000,
-            "hidden_act": "silu",
-            "tie_word_embeddings": True,
-        },
-        vision={
-            "depth": 32,
-            "hidden_size": 1280,
-            "intermediate_size": 3420,
-            "num_heads": 16,
-            "out_hidden_size": 2048,
-            "patch_size": 14,
-            "temporal_patch_size": 2,
-            "spatial_merge_size": 2,
-            "window_size": 112,
-            "fullatt_block_indexes": [7, 15, 23, 31],
-            "tokens_per_second": 2,
-            "hidden_act": "silu",
-        },
-        published_vocab_size=151936,
-    ),
-    "llava-ov-0.5b": ModelShape(
-        name="llava-ov-0.5b",
-        checkpoint="llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
-        arch="llava_onevision",
-        text={**_QWEN2_0_5B, "tie_word_embeddings": True},
-        vision={
-            "hidden_size": 1152,
-            "intermediate_size": 4304,
-            "num_hidden_layers": 26,
-            "num_attention_heads": 16,
-            "image_size": 384,
-            "patch_size": 14,
-            "hidden_act": "gelu_pytorch_tanh",
-            "vision_use_head": False,
-        },
-        extra={
-            "vision_feature_select_strategy": "full",
-            "vision_feature_layer": -1,
-            "vision_aspect_ratio": "anyres_max_9",
-            "image_grid_pinpoints": _OV_PINPOINTS,
-            "projector_hidden_act": "gelu",
-            "multimodal_projector_bias": True,
-        },
-        published_vocab_size=152000,
-        notes="SigLIP-so400m with its last layer removed (26 of 27 layers), as the -hf conversion ships it",
-    ),
-    "internvl2.5-1b": ModelShape(
-        name="internvl2.5-1b",
-        checkpoint="OpenGVLab/InternVL2_5-1B",
-        arch="internvl",
-        text={**_QWEN2_0_5B, "tie_word_embeddings": False},
-        vision={
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 16,
-            "image_size": [448, 448],
-            "patch_size": [14, 14],
-            "attention_bias": True,
-            "use_qk_norm": False,
-            "norm_type": "layer_norm",
-            "layer_norm_eps": 1e-6,
-            "layer_scale_init_value": 0.1,
-            "hidden_act": "gelu",
-        },
-        extra={
-            "downsample_ratio": 0.5,
-            "image_seq_length": 256,
-            "vision_feature_layer": -1,
-            "vision_feature_select_strategy": "default",
-            "projector_hidden_act": "gelu",
-            "max_dynamic_patch": 12,
-        },
-        published_vocab_size=151674,
-        notes="InternViT-300M-448px-V2_5 + Qwen2.5-0.5B-Instruct; dynamic tiling up to 12 tiles + thumbnail",
-    ),
-    "qwen3-vl-2b": ModelShape(
-        name="qwen3-vl-2b",
-        checkpoint="Qwen/Qwen3-VL-2B-Instruct",
-        arch="qwen3_vl",
-        text={
-            "hidden_size": 2048,
-            "intermediate_size": 6144,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 5000000.0,
-            "mrope_section": [24, 20, 20],
-            "max_position_embeddings": 262144,
-            "hidden_act": "silu",
-            "tie_word_embeddings": True,
-        },
-        vision={
-            "depth": 24,
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_heads": 16,
-            "out_hidden_size": 2048,
-            "patch_size": 16,
-            "temporal_patch_size": 2,
-            "spatial_merge_size": 2,
-            "num_position_embeddings": 2304,
-            "deepstack_visual_indexes": [5, 11, 17],
-            "hidden_act": "gelu_pytorch_tanh",
-        },
-        published_vocab_size=151936,
-    ),
-    "qwen3-vl-8b": ModelShape(
-        name="qwen3-vl-8b",
-        checkpoint="Qwen/Qwen3-VL-8B-Instruct",
-        arch="qwen3_vl",
-        text={
-            "hidden_size": 4096,
-            "intermediate_size": 12288,
-            "num_hidden_layers": 36,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 5000000.0,
-            "mrope_section": [24, 20, 20],
-            "max_position_embeddings": 262144,
-            "hidden_act": "silu",
-            "tie_word_embeddings": False,
-        },
-        vision={
-            "depth": 27,
-            "hidden_size": 1152,
-            "intermediate_size": 4304,
-            "num_heads": 16,
-            "out_hidden_size": 4096,
-            "patch_size": 16,
-            "temporal_patch_size": 2,
-            "spatial_merge_size": 2,
-            "num_position_embeddings": 2304,
-            "deepstack_visual_indexes": [8, 16, 24],
-            "hidden_act": "gelu_pytorch_tanh",
-        },
-        published_vocab_size=151936,
-    ),
-}
-"""The six published shapes, by tokcomp's short name."""
-
+SHAPES: dict[str, ModelShape] = load_shapes()
+"""The six published shapes, by tokcomp's short name (the configs load on first use)."""
 
 def _get(name: str) -> ModelShape:
     if name not in SHAPES:
@@ -359,6 +185,10 @@ def shape_config(
 ) -> PreTrainedConfig:
     """The ``transformers`` config of a published shape, with `tokcomp.testing`'s vocabulary.
 
+    The shipped ``config.json`` is read with ``AutoConfig``; the depths, the vocabulary and the special
+    token ids are then replaced, and the config is built again from that dict, so that values derived from
+    the depth (``layer_types``) follow the reduced one.
+
     Args:
         name: A key of `SHAPES`.
         layers: LLM decoder layers to build (default: the checkpoint's depth).
@@ -378,78 +208,41 @@ def shape_config(
     if n_layers < 1 or n_blocks < 1:
         raise ValueError(f"layers and vision_blocks must be >= 1, got {n_layers} and {n_blocks}")
     tiny = testing.tiny_config(shape.arch)  # vocabulary and special ids
-    t = dict(shape.text)
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": t.pop("rope_theta")}
-    if "mrope_section" in t:
-        rope["mrope_section"] = t.pop("mrope_section")
-    if shape.arch == "qwen3_vl":
-        rope["mrope_interleaved"] = True
-    text = dict(
-        t,
+    published = shape.config
+    d = copy.deepcopy(published.to_dict())
+    text = d["text_config"]
+    text.pop("layer_types", None)  # rebuilt from the (reduced) depth
+    text.update(
         num_hidden_layers=n_layers,
         vocab_size=tiny.text_config.vocab_size,
-        rope_parameters=rope,
         bos_token_id=tiny.bos_token_id,
         eos_token_id=tiny.eos_token_id,
         pad_token_id=tiny.pad_token_id,
         tie_word_embeddings=False,
     )
-    v = dict(shape.vision)
-    config: PreTrainedConfig
-    if shape.arch == "qwen2_vl":
+    v = d["vision_config"]
+    if "depth" in v:  # the Qwen towers
         v["depth"] = n_blocks
-        config = Qwen2VLConfig(
-            text_config=Qwen2VLTextConfig(**text),
-            vision_config=Qwen2VLVisionConfig(**v),
-            image_token_id=tiny.image_token_id,
-            video_token_id=tiny.video_token_id,
-            vision_start_token_id=tiny.vision_start_token_id,
-            vision_end_token_id=tiny.vision_end_token_id,
-        )
-    elif shape.arch == "qwen2_5_vl":
-        v["depth"] = n_blocks
+    else:
+        v["num_hidden_layers"] = n_blocks
+    if "fullatt_block_indexes" in v:
         v["fullatt_block_indexes"] = _full_attention_blocks(v["fullatt_block_indexes"], n_blocks)
-        config = Qwen2_5_VLConfig(
-            text_config=Qwen2_5_VLTextConfig(**text),
-            vision_config=Qwen2_5_VLVisionConfig(**v),
-            image_token_id=tiny.image_token_id,
-            video_token_id=tiny.video_token_id,
-            vision_start_token_id=tiny.vision_start_token_id,
-            vision_end_token_id=tiny.vision_end_token_id,
-        )
-    elif shape.arch == "qwen3_vl":
-        v["depth"] = n_blocks
+    if "deepstack_visual_indexes" in v:
         v["deepstack_visual_indexes"] = [i for i in v["deepstack_visual_indexes"] if i < n_blocks]
-        config = Qwen3VLConfig(
-            text_config=Qwen3VLTextConfig(**text),
-            vision_config=Qwen3VLVisionConfig(**v),
-            image_token_id=tiny.image_token_id,
-            video_token_id=tiny.video_token_id,
-            vision_start_token_id=tiny.vision_start_token_id,
-            vision_end_token_id=tiny.vision_end_token_id,
-        )
-    elif shape.arch == "llava_onevision":
-        v["num_hidden_layers"] = n_blocks
-        extra = dict(shape.extra)
-        config = LlavaOnevisionConfig(
-            text_config=Qwen2Config(**text),
-            vision_config=SiglipVisionConfig(**v),
-            image_token_index=tiny.image_token_id,
-            video_token_index=tiny.video_token_id,
-            **extra,
-        )
-    elif shape.arch == "internvl":
-        v["num_hidden_layers"] = n_blocks
-        extra = {k: val for k, val in shape.extra.items() if k != "max_dynamic_patch"}
-        config = InternVLConfig(
-            text_config=Qwen2Config(**text),
-            vision_config=InternVLVisionConfig(**v),
-            image_token_id=tiny.image_token_id,
-            tie_word_embeddings=False,
-            **extra,
-        )
-    else:  # pragma: no cover - SHAPES only names the ones above
-        raise ValueError(f"no config builder for {shape.arch}")
+    if shape.arch == "llava_onevision":
+        d.update(image_token_index=tiny.image_token_id, video_token_index=tiny.video_token_id)
+    else:
+        d["image_token_id"] = tiny.image_token_id
+        for key in ("video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if key in d:
+                d[key] = getattr(tiny, key)
+    if shape.arch == "internvl":
+        d.pop("max_dynamic_patch", None)  # the processor's setting (`shape_processor`), not the model's
+    else:
+        d.pop("tie_word_embeddings", None)
+    for key in ("transformers_version", "architectures", "_name_or_path"):
+        d.pop(key, None)
+    config = type(published).from_dict(d)
     config.pad_token_id = tiny.pad_token_id
     config.bos_token_id = tiny.bos_token_id
     config.eos_token_id = tiny.eos_token_id
@@ -544,7 +337,8 @@ def shape_processor(name: str, *, max_tiles: int | None = None) -> ProcessorMixi
         return cls(image_processor=ip3, tokenizer=tokenizer, video_processor=None)
     if shape.arch == "llava_onevision":
         ov = LlavaOnevisionImageProcessorPil(
-            size={"height": 384, "width": 384}, image_grid_pinpoints=[list(p) for p in _OV_PINPOINTS]
+            size={"height": 384, "width": 384},
+            image_grid_pinpoints=[list(p) for p in shape.config.image_grid_pinpoints],
         )
         return cls(
             image_processor=ov,
@@ -554,7 +348,7 @@ def shape_processor(name: str, *, max_tiles: int | None = None) -> ProcessorMixi
             vision_feature_select_strategy="full",
             vision_aspect_ratio="anyres_max_9",
         )
-    tiles = int(shape.extra["max_dynamic_patch"] if max_tiles is None else max_tiles)
+    tiles = int(shape.config.max_dynamic_patch if max_tiles is None else max_tiles)
     ip2 = GotOcr2ImageProcessorPil(
         size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1, max_patches=tiles
     )
@@ -595,7 +389,7 @@ def image_size_for(name: str, visual_tokens: int) -> tuple[int, int, int, dict[s
     if shape.arch == "llava_onevision":
         proc = shape_processor(name)
         cands = []
-        for h, w in _OV_PINPOINTS:
+        for h, w in shape.config.image_grid_pinpoints:
             n = proc._get_number_of_features(h, w, 384, 384)
             cands.append((abs(n - target), h * w, w, h, n))
         _, _, w, h, n = min(cands)

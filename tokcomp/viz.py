@@ -190,16 +190,11 @@ def _onevision_items(
     the model packs it (stitched tiles, padding cropped, shrunk to the ``anyres_max`` budget).
 
     Encoder stages run on tiles; an AnyRes panel shows them through the packing: each cell of the packed
-    grid takes the token of the canvas patch at its centre (the rule `pack_merged_anyres` uses)."""
-    from transformers.models.llava_onevision.modeling_llava_onevision import (
-        get_anyres_image_grid_shape,
-        image_size_to_num_patches,
-        unpad_image,
-    )
+    grid takes the token of the canvas patch at its centre, as the adapter's `packed_grid` (part of the
+    adapter contract, `tokcomp.contracts.Adapter.packed_grid`) describes it."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
     import tokcomp as tc
-
-    from .adapters.llava_onevision import _nearest
 
     cfg = model.config
     S, p = int(cfg.vision_config.image_size), int(cfg.vision_config.patch_size)
@@ -216,11 +211,11 @@ def _onevision_items(
     ]
     if not per_sample[sample]:
         raise ValueError(f"sample {sample} has no image")
-    layouts = tc.find_adapter(model).layouts(dict(inputs))
+    adapter = tc.find_adapter(model)
+    layouts = adapter.layouts(dict(inputs))
     llm_first = sum(len(lay.items) for lay in layouts[:sample])  # the run's items are in prompt order
     image_rows = sum(tiles)
     pixels = inputs["pixel_values"]
-    max_tiles = int(str(cfg.vision_aspect_ratio).removeprefix("anyres_max_"))
     items: list[dict] = []
     first_image = sum(per_sample[:sample])
     for i in range(first_image, first_image + per_sample[sample]):
@@ -234,17 +229,12 @@ def _onevision_items(
         items.append(base)
         if tiles[i] == 1:
             continue
-        R, C = get_anyres_image_grid_shape(sizes[i], cfg.image_grid_pinpoints, S)
-        canvas = unpad_image(torch.arange(R * h0 * C * w0).view(1, R * h0, C * w0), sizes[i])[0]
-        c_rows, c_cols = canvas[:, 0] // (C * w0), canvas[0] % (C * w0)
-        hc, wc = len(c_rows), len(c_cols)
-        ratio = math.sqrt(hc * wc / (max_tiles * h0**2))
-        grid = (int(hc // ratio), int(wc // ratio)) if ratio > 1.1 else (hc, wc)
-        rr = c_rows[_nearest(torch.arange(grid[0])[:, None], grid[0], hc)]
-        cc = c_cols[_nearest(torch.arange(grid[1])[None, :], grid[1], wc)]
-        tile = 1 + (rr // h0) * C + cc // w0  # each packed cell's tile and patch in it
-        patch_in_tile = ((rr % h0) * w0 + cc % w0).reshape(-1)
-        tile = tile.reshape(-1)
+        packed = adapter.packed_grid(dict(inputs), i)
+        if packed is None:
+            raise ValueError(f"the {adapter.name!r} adapter describes no AnyRes packing for image {i}")
+        R, C = packed.layout
+        grid = packed.grid
+        tile, patch_in_tile = packed.cell_tile, packed.cell_patch
 
         def anyres_map(ev: Mapping[str, Any], row: int = row, tile: torch.Tensor = tile,
                        patch: torch.Tensor = patch_in_tile) -> torch.Tensor:
@@ -255,8 +245,7 @@ def _onevision_items(
             return torch.unique(ids, return_inverse=True)[1]
 
         stitched = pixels[i, 1:1 + R * C].view(R, C, 3, S, S).permute(2, 0, 3, 1, 4).reshape(3, R * S, C * S)
-        top, bottom = int(c_rows[0]) * p, (int(c_rows[-1]) + 1) * p
-        left, right = int(c_cols[0]) * p, (int(c_cols[-1]) + 1) * p
+        top, bottom, left, right = (v * p for v in packed.content)
         crop = stitched[:, top:bottom, left:right]
         crop = torch.nn.functional.interpolate(crop[None].float(), size=[grid[0] * p, grid[1] * p],
                                                mode="bilinear")[0]
