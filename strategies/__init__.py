@@ -3,7 +3,7 @@
 Import a strategy class from here to use it in a schedule:
 
 ```python
-from tokcomp.strategies import SPU, OIM, ToMe, Downsample, FastV, VTW, RandomPrune, DivPrune, CDPruner, DART, VisionZip
+from tokcomp.strategies import SPU, OIM, ToMe, Downsample, FastV, VTW, RandomPrune, DivPrune, CDPruner, DART, VisionZip, VScan
 ```
 """
 
@@ -24,6 +24,7 @@ from .pact import PACT
 from .spu import SPU
 from .tome import ToMe
 from .visionzip import VisionZip
+from .vscan import VScan
 from .vtw import VTW
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "FastV",
     "RandomPrune",
     "ToMe",
+    "VScan",
     "VisionZip",
     "tokcomp_register_strategies",
 ]
@@ -46,5 +48,5 @@ __all__ = [
 @hookimpl
 def tokcomp_register_strategies(register: Callable[[type], None]) -> None:
     """Register the built-in strategies."""
-    for cls in (SPU, OIM, ToMe, Downsample, FastV, PACT, VTW, RandomPrune, DivPrune, CDPruner, DART, VisionZip):
+    for cls in (SPU, OIM, ToMe, Downsample, FastV, PACT, VTW, RandomPrune, DivPrune, CDPruner, DART, VisionZip, VScan):
         register(cls)

@@ -21,6 +21,7 @@ from .oim import OIM
 from .pact import PACT
 from .spu import SPU
 from .visionzip import VisionZip
+from .vscan import VScan
 from .vtw import VTW
 
 __all__ = ["PRESETS", "tokcomp_register_presets"]
@@ -84,6 +85,15 @@ def _visionzip(site: str) -> Callable[[int], Schedule]:
     return build
 
 
+def _vscan(num_layers: int) -> Schedule:
+    # the scripts' visual_token_num 96 (of LLaVA-1.5's 576), then image_token_list [32] at layer_list [16] of 32,
+    # as fractions so that other towers and depths keep the same proportions
+    return Schedule([
+        Stage(VScan(keep_ratio=96 / 576), site="projector"),
+        Stage(FastV(keep_ratio=32 / 96, query="last"), site="llm", layers=[num_layers // 2]),
+    ])
+
+
 PRESETS: dict[str, tuple[Callable[[int], Schedule], str]] = {
     "luvc": (_luvc, ("LUVC for images: OIM 2 iterations (width, height; rate 0.25) in the last third of the "
                     "encoder + SPU cascade from layer 2 (project's starting choice; paper's numbers unreadable)")),
@@ -109,6 +119,9 @@ PRESETS: dict[str, tuple[Callable[[int], Schedule], str]] = {
     "visionzip-qwen": (_visionzip("projector"), ("VisionZip's Qwen port (llmc) at the projector: received attention "
                                                  "of the last encoder block, 54/576 dominant + 10/576 contextual of "
                                                  "each image's LLM tokens")),
+    "vscan": (_vscan, ("VScan: local + global scan with merging at the projector keeping 96/576 of each image, then "
+                      "FastV's last-token pruning at half depth keeping 32/96 (the reference scripts' "
+                      "visual_token_num 96, layer_list [16], image_token_list [32], as fractions)")),
     "cdpruner": (_cdpruner, ("CDPruner on the LLM input, 11.1% per image (the reference's visual_token_num=64 of "
                             "LLaVA-1.5's 576; relevance from the LLM's prompt embeddings, tokcomp's adaptation)")),
 }

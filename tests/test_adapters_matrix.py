@@ -49,6 +49,7 @@ STAGE_PARAMS: dict[str, dict[str, Any]] = {
     "vtw": {"layers": [2]},
     "random": {"layers": [1]},
     "visionzip": {"dominant": 4, "contextual": 2},  # 6 of the tiny towers' 16 patches per tile
+    "vscan": {"keep": 8, "window": 2},  # 1 local pick in each 2 x 2 window of a 4 x 4 tile + 4 global
 }
 ATTN = ("sdpa", "eager")
 GEN = {"max_new_tokens": 3, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}

@@ -44,7 +44,7 @@ ARCHS = list(testing.ARCHITECTURES)
 # Presets whose decisions read the prompt's text (the last token's attention; CDPruner's relevance to the
 # text after the image): a prefill of a longer sequence may decide differently, so only the first step is
 # compared with a prefill of the whole sequence.
-LAST_TOKEN = {"fastv", "pact", "pact-qwen2-vl", "cdpruner"}
+LAST_TOKEN = {"fastv", "pact", "pact-qwen2-vl", "cdpruner", "vscan"}  # vscan: FastV at half depth
 NEW = 2  # new tokens per generate() call
 SPECIAL = list(range(4, 12))  # the architectures' special tokens in the tiny vocabulary (tokcomp.testing)
 ATOL, RTOL = 2e-4, 1e-4
