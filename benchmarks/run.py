@@ -53,7 +53,7 @@ class Case:
 from tokcomp.budgets import budget_schedules
 
 PRESETS = ["luvc", "luvc-video", "luvc-document", "spu", "fastv", "pact", "pact-qwen2-vl", "vtw", "dart", "divprune",
-           "cdpruner", "visionzip-qwen"]
+           "cdpruner", "visionzip-qwen", "vscan"]
 
 
 def cases(quick: bool, device: str) -> list[Case]:
@@ -576,6 +576,12 @@ def render(results: dict[str, Any], cases_: list[Case], meta: dict[str, Any]) ->
                 f"{res.repeats} timed rounds after one warm-up each; {res.new_tokens} new tokens; wall "
                 f"{res.wall_s / 60:.1f} min.{' ' + c.note if c.note else ''}"
             )
+            measured = {r.name for r in res.rows()}
+            missing = [name for name in c.schedules if name not in measured]
+            if missing:
+                # added to the suite after this case last ran: say so rather than leave a silent gap
+                out += ["", ("Not measured yet (in the suite since this case last ran; the command below "
+                             "measures them): " + ", ".join(f"`{m}`" for m in missing) + ".")]
             out += [
                 "",
                 *case_table(res),
