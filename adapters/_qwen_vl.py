@@ -31,7 +31,7 @@ from tokcomp.contracts import (
 from tokcomp.encoder import VisionCallResult, VisionSession, hidden_states_of, valid_slots, with_hidden_states
 from tokcomp.errors import RuntimeStateError, ScheduleError
 from tokcomp.tokens import FrameGrid, VisualItemTokens
-from tokcomp.vision_attention import packed_rows
+from tokcomp.vision_attention import current_rows, packed_rows
 
 __all__ = ["QwenVLAdapterBase"]
 
@@ -394,15 +394,7 @@ class _QwenVision:
         grids = call.grids if call.items is None else [it.grid for it in call.items]
         out: list[dict[EncoderAttention, torch.Tensor]] = [{} for _ in grids]
         for need in needs:
-            got = call.attn.get(need)
-            if got is None:
-                raise RuntimeStateError(f"encoder attention {need} was not computed during this tower call")
-            rows, version = got
-            if version != call.version:
-                raise RuntimeStateError(
-                    f"the encoder attention of block {need.block} describes tokens that a later encoder stage "
-                    f"changed before {where}; schedule the stage that needs it before any other encoder stage"
-                )
+            rows = current_rows(call.attn, need, call.version, where)
             for i, g in enumerate(self._to_grids(rows.T.contiguous(), grids, call.order)):
                 out[i][need] = g
         return out

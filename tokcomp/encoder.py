@@ -32,7 +32,7 @@ from .contracts import AttentionSite, EncoderAttention, LLMInput, SampleLayout, 
 from .errors import RuntimeStateError, ScheduleError
 from .schedule import ResolvedStage
 from .tokens import FrameGrid, VisualItemTokens, VisualTokens
-from .vision_attention import call_rows, needs_by_block
+from .vision_attention import call_rows, current_rows, needs_by_block
 
 __all__ = [
     "BIAS_PREFIX",
@@ -506,15 +506,7 @@ class RowTowerHooks:
         P = self.spec.prefix
         out = dict(frame.attention)
         for need in needs:
-            got = call.attn.get(need)
-            if got is None:
-                raise RuntimeStateError(f"encoder attention {need} was not computed during this tower call")
-            rows, version = got
-            if version != call.version:
-                raise RuntimeStateError(
-                    f"the encoder attention of block {need.block} describes tokens that a later encoder stage "
-                    f"changed before {where}; schedule the stage that needs it before any other encoder stage"
-                )
+            rows = current_rows(call.attn, need, call.version, where)
             a = rows[j, :, P:]
             hh, ww = frame.shape
             if unit > 1:

@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from .contracts import EncoderAttention
+from .errors import RuntimeStateError
 
-__all__ = ["call_rows", "needs_by_block", "packed_rows"]
+__all__ = ["call_rows", "current_rows", "needs_by_block", "packed_rows"]
 
 _CHUNK = 1024  # query rows per logit block for "mean"
 
@@ -89,3 +90,32 @@ def needs_by_block(needs: Sequence[EncoderAttention]) -> dict[int, set[str]]:
     for n in needs:
         out.setdefault(n.block, set()).add(n.query)
     return out
+
+
+def current_rows(
+    store: dict[EncoderAttention, tuple[Tensor, int]], need: EncoderAttention, version: int, where: str
+) -> Tensor:
+    """The rows recorded for ``need`` during this tower call, if no later stage changed the tokens since.
+
+    Args:
+        store: What the block hooks recorded: request -> (rows, token version when recorded).
+        need: The request.
+        version: The call's current token version (bumped by every stage that changes the tokens).
+        where: Where the rows are wanted (for the error message).
+
+    Returns:
+        The recorded rows.
+
+    Raises:
+        RuntimeStateError: If the rows were not computed, or describe tokens a later stage changed.
+    """
+    got = store.get(need)
+    if got is None:
+        raise RuntimeStateError(f"encoder attention {need} was not computed during this tower call")
+    rows, recorded = got
+    if recorded != version:
+        raise RuntimeStateError(
+            f"the encoder attention of block {need.block} describes tokens that a later encoder stage "
+            f"changed before {where}; schedule the stage that needs it before any other encoder stage"
+        )
+    return rows
