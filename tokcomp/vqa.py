@@ -265,6 +265,16 @@ class Example:
     seed: int
 
 
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: Shape, fill: int | tuple[int, int, int]) -> None:
+    x0, y0, x1, y1 = obj.box()
+    if obj.shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    else:
+        draw.polygon([(obj.cx, y0), (x1, y1), (x0, y1)], fill=fill)
+
+
 def render(scene: Scene) -> Image.Image:
     """Draws a scene.
 
@@ -277,14 +287,7 @@ def render(scene: Scene) -> Image.Image:
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        x0, y0, x1, y1 = obj.box()
-        fill = COLOURS[obj.colour]
-        if obj.shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif obj.shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=fill)
-        else:
-            draw.polygon([(obj.cx, y0), (x1, y1), (x0, y1)], fill=fill)
+        _draw_shape(draw, obj, COLOURS[obj.colour])
     d = scene.digit
     for name, rect in d.segments().items():
         if name in d.lit():
@@ -327,14 +330,7 @@ def token_labels(scene: Scene, grid: int = 12, cover: float = 0.25) -> list[tupl
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         parts.append((obj.colour, obj.shape))
-        x0, y0, x1, y1 = obj.box()
-        ident = len(parts) - 1
-        if obj.shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=ident)
-        elif obj.shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=ident)
-        else:
-            draw.polygon([(obj.cx, y0), (x1, y1), (x0, y1)], fill=ident)
+        _draw_shape(draw, obj, len(parts) - 1)
     d = scene.digit
     parts.append((str(d.value),))
     draw.rectangle((d.x, d.y, d.x + d.width - 1, d.y + d.height - 1), fill=len(parts) - 1)
