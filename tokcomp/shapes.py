@@ -317,24 +317,16 @@ def shape_processor(name: str, *, max_tiles: int | None = None) -> ProcessorMixi
     shape = _get(name)
     tokenizer = testing.tiny_tokenizer(shape.arch)
     cls = type(testing.tiny_processor(shape.arch))
-    if shape.arch in ("qwen2_vl", "qwen2_5_vl"):
+    if shape.arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        patch = 16 if shape.arch == "qwen3_vl" else 14
         ip = Qwen2VLImageProcessorPil(
-            min_pixels=28 * 28 * 4,
-            max_pixels=28 * 28 * 16384,
-            patch_size=14,
+            min_pixels=(2 * patch) ** 2 * 4,
+            max_pixels=(2 * patch) ** 2 * 16384,
+            patch_size=patch,
             temporal_patch_size=2,
             merge_size=2,
         )
         return cls(image_processor=ip, tokenizer=tokenizer, video_processor=None)
-    if shape.arch == "qwen3_vl":
-        ip3 = Qwen2VLImageProcessorPil(
-            min_pixels=32 * 32 * 4,
-            max_pixels=32 * 32 * 16384,
-            patch_size=16,
-            temporal_patch_size=2,
-            merge_size=2,
-        )
-        return cls(image_processor=ip3, tokenizer=tokenizer, video_processor=None)
     if shape.arch == "llava_onevision":
         ov = LlavaOnevisionImageProcessorPil(
             size={"height": 384, "width": 384},
