@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -173,3 +174,80 @@ def test_token_accuracy_scores_the_cell_words():
     assert {"background", "colour", "shape", "digit", "stripes", "cell"} <= set(perfect)
     blind = train.token_accuracy(Stub(False), processor, ex)
     assert blind["background"] == 1.0 and blind["colour"] == 0.0 and blind["digit"] == 0.0
+
+
+def test_shared_rows_compute_each_question_as_if_asked_alone():
+    # Oracle: every block of a packed row has the logits that `encode` gives the same question alone
+    # (the model computes its own positions there), and the picture prefix is unchanged.
+    cfg = train.TrainConfig(hidden=32, layers=2, intermediate=64, vision_width=16, vision_heads=2)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(train.model_config(cfg)).eval()
+    train.init_weights(model)
+    processor = train.build_processor()
+    ex = vqa.make_examples(2, seed=1, split="train")
+    asked = [[(e.question, e.answer), *train.extra_questions(e, 0, per_type=2)] for e in ex]
+    packed = train.encode_shared(processor, ex, asked)
+    tok = processor.tokenizer
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits
+        for k, e in enumerate(ex):
+            head = int((packed["input_ids"][k] == tok.convert_tokens_to_ids("<|vision_end|>")).nonzero()) + 1
+            start = head
+            for q, a in asked[k]:
+                alone = train.encode(processor, [vqa.Example(e.image, q, a, e.qtype, e.scene, 0, "train", 0)],
+                                     with_answer=True)
+                ref = model(**{n: v for n, v in alone.items() if n != "labels"}).logits[0]
+                size = alone["input_ids"].shape[1] - head
+                assert torch.equal(packed["input_ids"][k, start : start + size], alone["input_ids"][0, head:])
+                assert torch.equal(packed["labels"][k, start : start + size], alone["labels"][0, head:])
+                torch.testing.assert_close(logits[k, start : start + size], ref[head:], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(logits[k, :head], ref[:head], atol=1e-5, rtol=1e-5)
+                start += size
+            # What is left of the row is padding, never supervised.
+            assert (packed["input_ids"][k, start:] == tok.pad_token_id).all()
+            assert (packed["labels"][k, start:] == -100).all()
+
+
+def test_balanced_dense_loss_weighs_every_kind_alike():
+    # With balance 1 each kind of cell (background, object, digit, stripes) contributes equally; by hand.
+    cfg = train.TrainConfig(hidden=32, layers=2, intermediate=64, vision_width=16, vision_heads=2)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(train.model_config(cfg)).eval()
+    processor = train.build_processor()
+    ex = vqa.make_examples(2, seed=3, split="train")
+    batch = train.encode(processor, ex, with_answer=True)
+    with torch.no_grad():
+        answers = train._loss(model, batch, ex, processor, 0.0)
+        balanced = train._loss(model, batch, ex, processor, 1.0, balance=1.0)
+        logp = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.log_softmax(-1)
+    image = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    by_kind: dict[str, list[torch.Tensor]] = {}
+    for k, e in enumerate(ex):
+        where = (batch["input_ids"][k] == image).nonzero().flatten().tolist()
+        for pos, words in zip(where, vqa.token_labels(e.scene)):
+            kind = ("object" if words[0] in vqa.COLOURS else "digit" if words[0].isdigit()
+                    else "stripes" if words[0] in vqa.STRIPES else "background")
+            ids = processor.tokenizer.convert_tokens_to_ids(list(words))
+            by_kind.setdefault(kind, []).append(-sum(logp[k, pos, i] for i in ids) / len(ids))
+    expected = sum(torch.stack(v).mean() for v in by_kind.values()) / len(by_kind)
+    assert len(by_kind) == 4
+    torch.testing.assert_close(balanced, answers + expected, atol=1e-5, rtol=1e-5)
+
+
+def test_extra_questions_per_type_are_distinct_and_bounded():
+    ex = vqa.make_examples(21, seed=2, split="train")
+    single = {"global", "digit", "stripes"}  # one possible question each
+    for e in ex:
+        more = train.extra_questions(e, 0, per_type=3, balanced=True)
+        questions = [q for q, _ in more]
+        assert len(set(questions)) == len(questions) and e.question not in questions
+        kinds = Counter(_qtype(q) for q in questions)
+        for qtype, n in kinds.items():
+            assert n <= (1 if qtype in single else 3) - (qtype == e.qtype), (e.qtype, kinds)
+
+
+def _qtype(question: str) -> str:
+    words = question.split()
+    return ("global" if "background" in words else "digit" if "digit" in words else "stripes" if "stripes" in words
+            else "count" if words[0] == "how" else "exist" if words[1] == "there" else "relation"
+            if words[0] == "is" else "position")

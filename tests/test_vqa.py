@@ -134,6 +134,29 @@ def test_extra_questions_match_the_picture() -> None:
     assert set(checked) == set(vqa.QTYPES)
 
 
+def test_balanced_extra_questions_match_the_picture_and_even_the_odds() -> None:
+    # The pixel oracle checks every answer; `balanced` makes "yes" about as common as "no" and asks
+    # about drawn colours more often, where the scene's own odds give mostly "no" and count 0.
+    rng = random.Random(11)
+    answers: dict[bool, Counter] = {False: Counter(), True: Counter()}
+    counts: dict[bool, list[int]] = {False: [], True: []}
+    for ex in EXAMPLES:
+        objects = read_objects(ex)
+        for balanced in (False, True):
+            for qtype in ("exist", "count"):
+                question, answer = vqa.ask(ex.scene, qtype, rng, balanced=balanced)
+                other = vqa.Example(ex.image, question, answer, qtype, ex.scene, ex.index, ex.split, ex.seed)
+                assert read_answer(other, objects) == answer, (question, answer)
+                if qtype == "exist":
+                    answers[balanced][answer] += 1
+                else:
+                    counts[balanced].append(int(answer))
+    n = len(EXAMPLES)
+    assert answers[False]["yes"] < 0.3 * n
+    assert 0.35 * n < answers[True]["yes"] < 0.65 * n
+    assert sum(counts[True]) > 1.3 * sum(counts[False])
+
+
 def test_deterministic_and_splits_differ() -> None:
     a = vqa.make_examples(14, seed=7, split="train")
     b = vqa.make_examples(14, seed=7, split="train")

@@ -3,14 +3,26 @@
 The model is the real ``transformers`` ``Qwen2VLForConditionalGeneration``, built from its config class
 at a small size (`model_config`), with a word-level tokenizer over the task's words (`build_tokenizer`)
 and the real ``Qwen2VLProcessor`` with the PIL image processor (`build_processor`). Pictures are
-336x336, so 144 merged visual tokens (12x12) enter the LLM. Each training picture is asked its own
-question and then one question of every other type about the same picture (`extra_questions`), so one
-pass of the vision tower gives up to seven supervised answers. The loss is on the answer words and the
-end-of-sequence tokens, plus an auxiliary loss at the visual tokens (`dense_labels`): each visual
-token's own output predicts the words for what is drawn under it and the named cell it lies in. Without
-it, four recipes learnt the background colour and little else in the time budget (the visual tokens
-carried colour but the answer position never learnt where to look); `docs/accuracy.md` reports what
-it buys and what it does not. Weights start from a unit-gain initialisation (`init_weights`).
+336x336, so 144 merged visual tokens (12x12) enter the LLM.
+
+What made it learn, in the order it was found (`docs/accuracy.md` has the measurements):
+
+- **An auxiliary loss at the visual tokens** (`dense_labels`): each visual token's own output predicts
+  the words for what is drawn under it and the named cell it lies in. Without it, four recipes learnt
+  the background colour and little else in the time budget.
+- **Every question asked as at inference** (`encode_shared`): each training picture is asked its own
+  question and up to ``per_type`` questions of every type (`extra_questions`), packed in one row where
+  each question sees the picture and itself, at the positions it has when asked alone. Asked one after
+  another instead, each question sat at another distance from the picture, and the answer position
+  never learnt to look in the named cell through the rotary positions.
+- **A low rotary base** (10): Qwen2-VL's M-RoPE gives the width axis its lowest frequencies; at base 10
+  they turn 1.4-2.8 rad across the 12-token row, enough to tell left from right.
+- **Rare cells weighted up** (``balance``): the digit covers a few of the 144 tokens; weighting the
+  auxiliary loss by how rare a token's kind is made the digit readable at all.
+- **More questions per picture** (``per_type``): the largest single gain; questions are cheap next to
+  the picture they share. ``balanced`` evens out the yes/no and count answers of these questions.
+
+Weights start from a unit-gain initialisation (`init_weights`).
 
 Run it with:
 
@@ -60,8 +72,8 @@ __all__ = [
     "build_processor",
     "build_tokenizer",
     "dense_labels",
-    "token_accuracy",
     "encode",
+    "encode_shared",
     "extra_questions",
     "init_weights",
     "load_checkpoint",
@@ -69,6 +81,7 @@ __all__ = [
     "model_config",
     "predict",
     "save_checkpoint",
+    "token_accuracy",
     "train",
 ]
 
@@ -164,6 +177,13 @@ class TrainConfig:
         dense: Weight of the auxiliary loss at the visual tokens (`dense_labels`): each visual token's
             output predicts the words for what is drawn under it and for the named cell it lies in
             (`tokcomp.vqa.token_labels`); 0 turns it off.
+        shared: Pack each picture's questions into one row with `encode_shared` (each question sees
+            the picture and itself, at the positions it has at inference) instead of one after another.
+        per_type: With ``extra``, questions asked per type and picture (`extra_questions`).
+        balance: Exponent of the weighting of the auxiliary loss by what a token shows: a token whose
+            kind (background, object, digit, stripes) is a share ``f`` of the batch's visual tokens
+            weighs ``f ** -balance`` (1: every kind weighs the same in all; 0: every token the same).
+        balanced: Ask the extra questions with even yes/no and counts (`extra_questions`).
     """
 
     hidden: int = 128
@@ -185,6 +205,10 @@ class TrainConfig:
     threads: int = 1
     extra: bool = True
     dense: float = 1.0
+    shared: bool = False
+    per_type: int = 1
+    balance: float = 0.0
+    balanced: bool = False
 
 
 def model_config(cfg: TrainConfig) -> Qwen2VLConfig:
@@ -216,8 +240,8 @@ def model_config(cfg: TrainConfig) -> Qwen2VLConfig:
             pad_token_id=_PAD_ID,
             tie_word_embeddings=False,
             # A small theta: M-RoPE gives the width axis the lowest frequencies, which at 10,000 turn by
-            # 0.04 rad across a 12-token row, so "left" and "right" were almost invisible. 100 keeps them
-            # visible (0.16-0.7 rad a row) while rotating content matches less than 10 does.
+            # 0.04 rad across a 12-token row, so "left" and "right" were almost invisible; at 10 they turn
+            # 1.4-2.8 rad. The temporal section, constant over a picture, still matches content anywhere.
             rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta,
                              "mrope_section": [t, h, half - t - h]},
         ),
@@ -270,24 +294,33 @@ def answer_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------------------
-def extra_questions(example: vqa.Example, seed: int) -> list[tuple[str, str]]:
-    """More questions about an example's picture, one of each other type where the scene has one.
+def extra_questions(
+    example: vqa.Example, seed: int, per_type: int = 1, *, balanced: bool = False
+) -> list[tuple[str, str]]:
+    """More questions about an example's picture: up to ``per_type`` of each type, none repeated.
 
-    Training asks them after the example's own question (in a seeded random order), so one picture
-    gives up to seven supervised answers for one pass of the vision tower.
+    Training asks them next to the example's own question (in a seeded random order), so one picture
+    gives many supervised answers for one pass of the vision tower. Types with one possible question
+    (background, digit, stripes) are asked at most once, and never again if they are the example's own.
 
     Args:
         example: A training example.
         seed: Seed of the choices (with the example's index).
+        per_type: Questions to draw per type (the example's own question counts for its type).
+        balanced: Even out the yes/no of ``exist`` and the counts of ``count`` (`tokcomp.vqa.ask`).
 
     Returns:
-        ``(question, answer)`` pairs from `tokcomp.vqa.ask`.
+        ``(question, answer)`` pairs from `tokcomp.vqa.ask`, without the example's own question.
     """
     rng = random.Random(f"tokcomp-train/{seed}/{example.split}/{example.index}")
+    seen = {example.question}
     out = []
     for qtype in vqa.QTYPES:
-        if qtype != example.qtype and (qa := vqa.ask(example.scene, qtype, rng)) is not None:
-            out.append(qa)
+        for _ in range(per_type - (qtype == example.qtype)):
+            qa = vqa.ask(example.scene, qtype, rng, balanced=balanced)
+            if qa is not None and qa[0] not in seen:
+                seen.add(qa[0])
+                out.append(qa)
     rng.shuffle(out)
     return out
 
@@ -329,6 +362,87 @@ def encode(
         answer[:, :-1] = eos[:, 1:]
         batch["labels"] = torch.where(eos | answer, ids, torch.full_like(ids, -100))
     return batch
+
+
+def encode_shared(
+    processor: Qwen2VLProcessor,
+    examples: Sequence[vqa.Example],
+    questions: Sequence[Sequence[tuple[str, str]]],
+) -> BatchFeature:
+    """One packed training row per picture: the picture once, then each question as if asked alone.
+
+    Row ``k`` is the picture prefix ``<|vision_start|> <|image_pad|>... <|vision_end|>`` followed by the
+    blocks ``" {question} {answer} </s>"`` of ``questions[k]``. A 4-D attention mask lets every block see
+    the prefix and itself (causally) but no other block, and every block's positions restart right after
+    the prefix. So each block is computed exactly as `encode` computes that question alone at inference
+    (same positions, same visible tokens), while the vision tower and the picture's tokens are computed
+    once for all the questions. Rows are right-padded; pads see only themselves.
+
+    Args:
+        processor: From `build_processor` (or a loaded checkpoint).
+        examples: The pictures (their own questions are not used; put them in ``questions``).
+        questions: Per picture, the ``(question, answer)`` pairs to ask.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` (``(batch, 1, length, length)`` bool, True where attended),
+        ``position_ids`` (``(3, batch, length)``, M-RoPE temporal/height/width), ``pixel_values``,
+        ``image_grid_thw`` and ``labels`` (-100 except on each answer and its ``</s>``).
+
+    Raises:
+        ValueError: If ``questions`` does not have one entry per example.
+    """
+    if len(questions) != len(examples):
+        raise ValueError(f"{len(examples)} examples but {len(questions)} question lists")
+    prefix = processor(text=[PROMPT.format(question="").rstrip()] * len(examples),
+                       images=[e.image for e in examples], return_tensors="pt")
+    merge = processor.image_processor.merge_size
+    rows, blocks_of = [], []
+    for k, pairs in enumerate(questions):
+        head = prefix["input_ids"][k].tolist()
+        blocks = [processor.tokenizer(f" {q} {a} </s>", add_special_tokens=False)["input_ids"] for q, a in pairs]
+        rows.append(head + [t for b in blocks for t in b])
+        blocks_of.append([len(b) for b in blocks])
+    length = max(map(len, rows))
+    n = len(rows)
+    ids = torch.full((n, length), _PAD_ID, dtype=torch.long)
+    mask = torch.zeros((n, 1, length, length), dtype=torch.bool)
+    pos = torch.zeros((3, n, length), dtype=torch.long)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    for k, row in enumerate(rows):
+        ids[k, : len(row)] = torch.tensor(row)
+        _, gh, gw = (int(v) for v in prefix["image_grid_thw"][k])
+        gh, gw = gh // merge, gw // merge
+        # The positions get_rope_index gives a text token, a picture and a text token: the picture's
+        # tokens sit at (start, start + row, start + column), and text resumes after the longer side.
+        image = (torch.tensor(row[:len(head)]) == _IMAGE_ID).nonzero().flatten()
+        first = int(image[0])
+        pos[:, k, :first] = torch.arange(first)
+        r, c = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        pos[0, k, image] = first
+        pos[1, k, image] = first + r.flatten()
+        pos[2, k, image] = first + c.flatten()
+        after = first + max(gh, gw)
+        tail = len(head) - int(image[-1]) - 1
+        pos[:, k, image[-1] + 1 : len(head)] = after + torch.arange(tail)
+        start, text0 = len(head), after + tail
+        mask[k, 0, :, : len(head)] = causal[:, : len(head)]
+        for size in blocks_of[k]:
+            span = slice(start, start + size)
+            pos[:, k, span] = text0 + torch.arange(size)
+            mask[k, 0, span, span] = causal[:size, :size]
+            start += size
+        mask[k, 0, start:, start:] = torch.eye(length - start, dtype=torch.bool)
+    eos = ids == _EOS_ID
+    answer = torch.zeros_like(eos)
+    answer[:, :-1] = eos[:, 1:]
+    return BatchFeature({
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": pos,
+        "pixel_values": prefix["pixel_values"],
+        "image_grid_thw": prefix["image_grid_thw"],
+        "labels": torch.where(eos | answer, ids, torch.full_like(ids, -100)),
+    })
 
 
 @torch.no_grad()
@@ -448,7 +562,7 @@ def token_accuracy(
 
 
 def _loss(model: Any, batch: BatchFeature, examples: Sequence[vqa.Example], processor: Qwen2VLProcessor,
-          dense: float) -> torch.Tensor:
+          dense: float, balance: float = 0.0) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits.float()
     ce = torch.nn.functional.cross_entropy
@@ -461,8 +575,23 @@ def _loss(model: Any, batch: BatchFeature, examples: Sequence[vqa.Example], proc
         valid = target >= 0
         logp = logits.log_softmax(-1).gather(-1, target.clamp_min(0)) * valid
         per_token = -logp.sum(-1) / valid.sum(-1).clamp_min(1)
-        loss = loss + dense * per_token[valid.any(-1)].mean()
+        present = valid.any(-1)
+        if balance:
+            kinds = _token_kinds(processor)[target[..., 0].clamp_min(0)][present]
+            share = torch.bincount(kinds, minlength=4).float() / kinds.numel()
+            weight = share[kinds] ** -balance
+            loss = loss + dense * (per_token[present] * weight).sum() / weight.sum()
+        else:
+            loss = loss + dense * per_token[present].mean()
     return loss
+
+
+def _token_kinds(processor: Qwen2VLProcessor) -> torch.Tensor:
+    """Vocabulary id -> kind of a cell's first word: 0 background, 1 object, 2 digit, 3 stripes."""
+    kinds = torch.zeros(len(processor.tokenizer), dtype=torch.long)
+    for words, kind in ((vqa.COLOURS, 1), ([str(d) for d in range(10)], 2), (vqa.STRIPES, 3)):
+        kinds[processor.tokenizer.convert_tokens_to_ids(list(words))] = kind
+    return kinds
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -545,9 +674,14 @@ def _train(
     t0 = time.perf_counter()
     for step in range(cfg.steps):
         examples = vqa.make_examples(cfg.batch, seed=cfg.seed, split="train", start=step * cfg.batch)
-        extra = [extra_questions(e, cfg.seed) for e in examples] if cfg.extra else None
-        batch = encode(processor, examples, with_answer=True, extra=extra)
-        loss = _loss(model, batch, examples, processor, cfg.dense)
+        extra = [extra_questions(e, cfg.seed, cfg.per_type, balanced=cfg.balanced) if cfg.extra else []
+                 for e in examples]
+        if cfg.shared:
+            asked = [[(e.question, e.answer), *more] for e, more in zip(examples, extra)]
+            batch = encode_shared(processor, examples, asked)
+        else:
+            batch = encode(processor, examples, with_answer=True, extra=extra)
+        loss = _loss(model, batch, examples, processor, cfg.dense, cfg.balance)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -471,17 +471,21 @@ def _example(seed: int, split: str, index: int) -> Example:
     return Example(render(scene), question, answer, qtype, scene, index, split, seed)
 
 
-def ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str] | None:
+def ask(scene: Scene, qtype: str, rng: random.Random, *, balanced: bool = False) -> tuple[str, str] | None:
     """A random question of a type about an existing scene, with its answer from the scene's parameters.
 
     Unlike the examples of `make_examples`, whose scenes are drawn so that each type's answers are
     balanced, these questions take the scene as it is (a ``count`` is often 0 or 1, an ``exist`` often
-    "no"). Training uses them to ask several questions about one picture.
+    "no"), unless ``balanced`` evens the odds. Training uses them to ask several questions about one
+    picture.
 
     Args:
         scene: The drawing parameters.
         qtype: One of `QTYPES`.
         rng: Source of the random choices.
+        balanced: Half of the ``exist`` questions ask about a drawn object ("yes") and the other half
+            about a (colour, shape) not drawn ("no"); half of the ``count`` questions ask the colour
+            of a drawn object (so larger counts come up), the other half any colour.
 
     Returns:
         ``(question, answer)``, or ``None`` if the scene has nothing to ask of that type (no object at a
@@ -498,11 +502,17 @@ def ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str] | None:
     if qtype == "stripes":
         return "which way do the stripes run ?", scene.stripes.orientation
     if qtype == "count":
-        colour = rng.choice(list(COLOURS))
+        colour = rng.choice(objects).colour if balanced and objects and rng.random() < 0.5 else rng.choice(list(COLOURS))
         return f"how many {colour} objects are there ?", str(min(MAX_COUNT, sum(o.colour == colour for o in objects)))
     if qtype == "exist":
-        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
-        present = any(o.shape == shape and o.colour == colour for o in objects)
+        drawn = {(o.shape, o.colour) for o in objects}
+        if balanced and objects and rng.random() < 0.5:
+            shape, colour = rng.choice(sorted(drawn))
+        elif balanced:
+            shape, colour = rng.choice([(s, c) for s in SHAPES for c in COLOURS if (s, c) not in drawn])
+        else:
+            shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        present = (shape, colour) in drawn
         return f"is there a {colour} {shape} ?", "yes" if present else "no"
     if qtype == "position":
         named = {cell: name for name, cell in POSITIONS.items()}
