@@ -360,13 +360,16 @@ def encode(
         text=texts, images=[e.image for e in examples], padding=True, padding_side="left", return_tensors="pt"
     )
     if with_answer:
-        ids = batch["input_ids"]
-        eos = ids == _EOS_ID
-        # The answer is the token just before each </s>.
-        answer = torch.zeros_like(eos)
-        answer[:, :-1] = eos[:, 1:]
-        batch["labels"] = torch.where(eos | answer, ids, torch.full_like(ids, -100))
+        batch["labels"] = _answer_labels(batch["input_ids"])
     return batch
+
+
+def _answer_labels(ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` on each ``</s>`` and on the answer token just before it, -100 everywhere else."""
+    eos = ids == _EOS_ID
+    answer = torch.zeros_like(eos)
+    answer[:, :-1] = eos[:, 1:]
+    return torch.where(eos | answer, ids, torch.full_like(ids, -100))
 
 
 def encode_shared(
@@ -401,11 +404,11 @@ def encode_shared(
     prefix = processor(text=[PROMPT.format(question="").rstrip()] * len(examples),
                        images=[e.image for e in examples], return_tensors="pt")
     merge = processor.image_processor.merge_size
+    head = prefix["input_ids"].shape[1]  # the same for every row: one batch of same-size pictures
     rows, blocks_of = [], []
     for k, pairs in enumerate(questions):
-        head = prefix["input_ids"][k].tolist()
         blocks = [processor.tokenizer(f" {q} {a} </s>", add_special_tokens=False)["input_ids"] for q, a in pairs]
-        rows.append(head + [t for b in blocks for t in b])
+        rows.append(prefix["input_ids"][k].tolist() + [t for b in blocks for t in b])
         blocks_of.append([len(b) for b in blocks])
     length = max(map(len, rows))
     n = len(rows)
@@ -419,7 +422,7 @@ def encode_shared(
         gh, gw = gh // merge, gw // merge
         # The positions get_rope_index gives a text token, a picture and a text token: the picture's
         # tokens sit at (start, start + row, start + column), and text resumes after the longer side.
-        image = (torch.tensor(row[:len(head)]) == _IMAGE_ID).nonzero().flatten()
+        image = (prefix["input_ids"][k] == _IMAGE_ID).nonzero().flatten()
         first = int(image[0])
         pos[:, k, :first] = torch.arange(first)
         r, c = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
@@ -427,26 +430,23 @@ def encode_shared(
         pos[1, k, image] = first + r.flatten()
         pos[2, k, image] = first + c.flatten()
         after = first + max(gh, gw)
-        tail = len(head) - int(image[-1]) - 1
-        pos[:, k, image[-1] + 1 : len(head)] = after + torch.arange(tail)
-        start, text0 = len(head), after + tail
-        mask[k, 0, :, : len(head)] = causal[:, : len(head)]
+        tail = head - int(image[-1]) - 1
+        pos[:, k, image[-1] + 1 : head] = after + torch.arange(tail)
+        start, text0 = head, after + tail
+        mask[k, 0, :, :head] = causal[:, :head]
         for size in blocks_of[k]:
             span = slice(start, start + size)
             pos[:, k, span] = text0 + torch.arange(size)
             mask[k, 0, span, span] = causal[:size, :size]
             start += size
         mask[k, 0, start:, start:] = torch.eye(length - start, dtype=torch.bool)
-    eos = ids == _EOS_ID
-    answer = torch.zeros_like(eos)
-    answer[:, :-1] = eos[:, 1:]
     return BatchFeature({
         "input_ids": ids,
         "attention_mask": mask,
         "position_ids": pos,
         "pixel_values": prefix["pixel_values"],
         "image_grid_thw": prefix["image_grid_thw"],
-        "labels": torch.where(eos | answer, ids, torch.full_like(ids, -100)),
+        "labels": _answer_labels(ids),
     })
 
 
