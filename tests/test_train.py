@@ -255,3 +255,65 @@ def _qtype(question: str) -> str:
     return ("global" if "background" in words else "digit" if "digit" in words else "stripes" if "stripes" in words
             else "count" if words[0] == "how" else "exist" if words[1] == "there" else "relation"
             if words[0] == "is" else "position")
+
+
+def test_hard_extra_questions_keep_few_small_counts():
+    # `hard` keeps about one in five extra counts of 0-2 (counts of 3 or more are always kept), and
+    # asks about as many of every other type as without it (the random stream shifts, so not exactly).
+    ex = vqa.make_examples(140, seed=2, split="train")
+    small = {False: 0, True: 0}
+    others = {False: Counter(), True: Counter()}
+    for e in ex:
+        for hard in (False, True):
+            for q, a in train.extra_questions(e, 0, per_type=3, balanced=True, hard=hard):
+                if _qtype(q) == "count":
+                    small[hard] += int(a) <= 2
+                elif _qtype(q) != "exist":
+                    others[hard][_qtype(q)] += 1
+    assert 0.1 * small[False] < small[True] < 0.35 * small[False], small
+    assert others[True].keys() == others[False].keys()
+    assert all(abs(others[True][t] - others[False][t]) <= 0.1 * others[False][t] for t in others[False])
+
+
+def test_training_pictures_follow_the_pattern_without_repeats():
+    # Oracle: the split's own examples of each type, in order, taken as the pattern says.
+    cfg = train.TrainConfig(batch=4, pictures="count,count,exist")
+    got = [e for step in range(3) for e in train.training_pictures(cfg, step)]
+    split = vqa.make_examples(7 * 8, seed=0, split="train")
+    of = {t: [e.index for e in split if e.qtype == t] for t in ("count", "exist")}
+    assert [e.qtype for e in got] == ["count", "count", "exist"] * 4
+    assert [e.index for e in got if e.qtype == "count"] == of["count"][:8]
+    assert [e.index for e in got if e.qtype == "exist"] == of["exist"][:4]
+    plain = train.TrainConfig(batch=4)
+    assert [e.index for e in train.training_pictures(plain, 2)] == [8, 9, 10, 11]
+    with pytest.raises(ValueError, match="unknown question types"):
+        train.training_pictures(train.TrainConfig(pictures="count,colour"), 0)
+
+
+def test_segment_loss_scores_the_merger_output_against_the_segment_labels():
+    # By hand: the head on the vision tower's merged tokens (`get_image_features`, outside the model's
+    # forward), binary cross-entropy written out, over the tokens near each digit.
+    cfg = train.TrainConfig(hidden=32, layers=2, intermediate=64, vision_width=16, vision_heads=2)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(train.model_config(cfg)).eval()
+    head = torch.nn.Linear(32, 7)
+    processor = train.build_processor()
+    ex = vqa.make_examples(3, seed=5, split="train")
+    batch = train.encode(processor, ex, with_answer=True)
+    with torch.no_grad():
+        base = train._loss(model, batch, ex, processor, 0.0)
+        with_segments = train._loss(model, batch, ex, processor, 0.0, segments=0.5, segment_head=head)
+        feats = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        feats = torch.cat(list(getattr(feats, "pooler_output", feats)))
+    assert feats.shape[0] == 3 * 144
+    terms = []
+    for k, e in enumerate(ex):
+        bits, near = vqa.segment_labels(e.scene)
+        for cell in np.nonzero(near)[0]:
+            p = torch.sigmoid(head(feats[k * 144 + cell]))
+            y = torch.from_numpy(bits[cell]).float()
+            terms.append(-(y * p.log() + (1 - y) * (1 - p).log()))
+    expected = torch.cat(terms).mean()
+    torch.testing.assert_close(with_segments, base + 0.5 * expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="segment_head"):
+        train._loss(model, batch, ex, processor, 0.0, segments=0.5)

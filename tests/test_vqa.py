@@ -235,3 +235,53 @@ def test_token_labels_name_what_the_pixels_show() -> None:
             assert (obj.colour, obj.shape) in {w[:2] for w in labels}
     with pytest.raises(ValueError, match="multiple of 3"):
         vqa.token_labels(ex.scene, grid=8)
+
+
+def test_hard_extra_questions_match_the_picture_and_ask_what_a_shortcut_misses() -> None:
+    # The pixel oracle checks every answer. With `hard`, an "exist" that answers "no" names a colour
+    # that the picture shows (read from the pixels), on another shape, and counts of three or more come
+    # up more often than with `balanced` alone, on the same scenes.
+    rng = random.Random(13)
+    near_misses = {False: 0, True: 0}
+    big = {False: 0, True: 0}
+    for ex in EXAMPLES:
+        objects = read_objects(ex)
+        for hard in (False, True):
+            for qtype in ("exist", "count"):
+                question, answer = vqa.ask(ex.scene, qtype, rng, balanced=True, hard=hard)
+                other = vqa.Example(ex.image, question, answer, qtype, ex.scene, ex.index, ex.split, ex.seed)
+                assert read_answer(other, objects) == answer, (question, answer)
+                words = question.split()
+                if qtype == "exist" and answer == "no":
+                    near_misses[hard] += words[3] in {c for c, _ in objects.values()}
+                if qtype == "count":
+                    big[hard] += int(answer) >= 3
+    assert near_misses[True] > 1.5 * near_misses[False]
+    assert big[True] > 1.5 * big[False]
+
+
+def test_segment_labels_count_the_inked_pixels_of_each_cell() -> None:
+    # Oracle from the pixels: a segment is lit if the pixel at its centre is inked (its rectangle from
+    # the drawing parameters); a lit segment's ink, cut out of the picture, is counted in every 28 px
+    # cell. An unlit segment marks no cell, though lit neighbours ink its rectangle's corners.
+    for ex in vqa.make_examples(21, seed=4, split="test"):
+        d = ex.scene.digit
+        px = np.asarray(ex.image).astype(int)
+        ink = np.abs(px - np.array(vqa.BACKGROUNDS[ex.scene.background])).sum(-1) > 100
+        bits, near = vqa.segment_labels(ex.scene)
+        assert bits.shape == (144, 7) and near.shape == (144,)
+        for j, name in enumerate(vqa.SEGMENT_NAMES):
+            x0, y0, x1, y1 = d.segments()[name]
+            if not ink[(y0 + y1) // 2, (x0 + x1) // 2]:
+                assert not bits[:, j].any(), (ex.index, name)
+                continue
+            alone = np.zeros_like(ink)
+            alone[y0 : y1 + 1, x0 : x1 + 1] = ink[y0 : y1 + 1, x0 : x1 + 1]
+            per_cell = alone.reshape(12, 28, 12, 28).sum(axis=(1, 3)).ravel()
+            assert (bits[:, j] == (per_cell >= d.stroke**2)).all(), (ex.index, name)
+        box = np.zeros_like(ink)
+        box[d.y : d.y + d.height, d.x : d.x + d.width] = True
+        assert (near == (box.reshape(12, 28, 12, 28).sum(axis=(1, 3)).ravel() >= d.stroke**2)).all()
+        # The union of the bits is the digit: its value reads back through the seven-segment table.
+        code = tuple(int(bits[:, j].any()) for j in range(7))
+        assert SEVEN_SEGMENT[code] == str(d.value)

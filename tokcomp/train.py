@@ -188,6 +188,17 @@ class TrainConfig:
             kind (background, object, digit, stripes) is a share ``f`` of the batch's visual tokens
             weighs ``f ** -balance`` (1: every kind weighs the same in all; 0: every token the same).
         balanced: Ask the extra questions with even yes/no and counts (`extra_questions`).
+        hard: With ``balanced``, make the extra ``exist`` negatives share a colour or a shape with a drawn
+            object and spread the extra counts (`tokcomp.vqa.ask`), as the task's own questions do.
+        pictures: Comma-separated question types whose pictures make up the training stream, as a
+            pattern that repeats (a type named twice takes two pictures per round; empty: all, in the
+            split's order). Every type is still asked about each picture through ``extra``;
+            this only changes which scenes are drawn, for example ``count`` scenes, the only ones with
+            three or more objects of one colour.
+        segments: Weight of a second auxiliary loss, at the visual tokens as they enter the LLM (the
+            merger's output): a linear head, used in training only and not saved, predicts which of the
+            digit's lit segments lie in each token's cell (`tokcomp.vqa.segment_labels`, binary
+            cross-entropy over the tokens near the digit); 0 turns it off.
     """
 
     hidden: int = 128
@@ -214,6 +225,9 @@ class TrainConfig:
     per_type: int = 3
     balance: float = 0.5
     balanced: bool = True
+    hard: bool = False
+    pictures: str = ""
+    segments: float = 0.0
 
 
 def model_config(cfg: TrainConfig) -> Qwen2VLConfig:
@@ -300,7 +314,7 @@ def answer_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
 # Batches
 # ---------------------------------------------------------------------------------------------------------
 def extra_questions(
-    example: vqa.Example, seed: int, per_type: int = 1, *, balanced: bool = False
+    example: vqa.Example, seed: int, per_type: int = 1, *, balanced: bool = False, hard: bool = False
 ) -> list[tuple[str, str]]:
     """More questions about an example's picture: up to ``per_type`` of each type, none repeated.
 
@@ -313,6 +327,8 @@ def extra_questions(
         seed: Seed of the choices (with the example's index).
         per_type: Questions to draw per type (the example's own question counts for its type).
         balanced: Even out the yes/no of ``exist`` and the counts of ``count`` (`tokcomp.vqa.ask`).
+        hard: With ``balanced``, hard ``exist`` negatives and larger counts (`tokcomp.vqa.ask`), and
+            only one in five of the extra counts of 0-2 is kept (the task's counts are even over 0-5).
 
     Returns:
         ``(question, answer)`` pairs from `tokcomp.vqa.ask`, without the example's own question.
@@ -322,7 +338,11 @@ def extra_questions(
     out = []
     for qtype in vqa.QTYPES:
         for _ in range(per_type - (qtype == example.qtype)):
-            qa = vqa.ask(example.scene, qtype, rng, balanced=balanced)
+            qa = vqa.ask(example.scene, qtype, rng, balanced=balanced, hard=hard)
+            # Only count scenes hold three or more objects of a colour, so the extra counts are mostly
+            # 0-2; keeping one in five of those brings the counts' mix nearer the task's even one.
+            if hard and qa is not None and qtype == "count" and int(qa[1]) <= 2 and rng.random() < 0.8:
+                continue
             if qa is not None and qa[0] not in seen:
                 seen.add(qa[0])
                 out.append(qa)
@@ -566,10 +586,51 @@ def token_accuracy(
     return {kind: sum(v) / len(v) for kind, v in right.items()}
 
 
+def training_pictures(cfg: TrainConfig, step: int) -> list[vqa.Example]:
+    """The ``train``-split examples of one step: the next ``cfg.batch`` of the types in ``cfg.pictures``.
+
+    Args:
+        cfg: The recipe.
+        step: The optimiser step (0-based).
+
+    Returns:
+        ``cfg.batch`` examples; with ``cfg.pictures`` empty, examples ``step * batch`` onwards of the
+        split, else the split's examples of the pattern's types in the pattern's proportions, each
+        type's in the split's order and none twice.
+
+    Raises:
+        ValueError: If ``cfg.pictures`` names an unknown question type.
+    """
+    if not cfg.pictures:
+        return vqa.make_examples(cfg.batch, seed=cfg.seed, split="train", start=step * cfg.batch)
+    pattern = [t.strip() for t in cfg.pictures.split(",")]
+    unknown = sorted(set(pattern) - set(vqa.QTYPES))
+    if unknown:
+        raise ValueError(f"pictures names unknown question types {unknown}; expected some of {vqa.QTYPES}")
+    # Examples cycle through QTYPES, so the n-th example of type t sits at index 7 * n + QTYPES.index(t).
+    # The pattern repeats; a type named m times in it takes m of its examples per repetition.
+    times = {t: pattern.count(t) for t in pattern}
+    out = []
+    for j in range(step * cfg.batch, (step + 1) * cfg.batch):
+        rep, slot = divmod(j, len(pattern))
+        t = pattern[slot]
+        n = rep * times[t] + pattern[:slot].count(t)
+        out += vqa.make_examples(1, seed=cfg.seed, split="train", start=len(vqa.QTYPES) * n + vqa.QTYPES.index(t))
+    return out
+
+
 def _loss(model: Any, batch: BatchFeature, examples: Sequence[vqa.Example], processor: Qwen2VLProcessor,
-          dense: float, balance: float = 0.0) -> torch.Tensor:
+          dense: float, balance: float = 0.0, segments: float = 0.0,
+          segment_head: torch.nn.Module | None = None) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits.float()
+    merged: list[torch.Tensor] = []
+    hook = (model.model.visual.merger.register_forward_hook(lambda _m, _i, out: merged.append(out))
+            if segments else None)
+    try:
+        logits = model(**inputs).logits.float()
+    finally:
+        if hook is not None:
+            hook.remove()
     ce = torch.nn.functional.cross_entropy
     # Position i predicts token i + 1, as the library's loss does.
     loss = ce(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
@@ -588,7 +649,23 @@ def _loss(model: Any, batch: BatchFeature, examples: Sequence[vqa.Example], proc
             loss = loss + dense * (per_token[present] * weight).sum() / weight.sum()
         else:
             loss = loss + dense * per_token[present].mean()
+    if segments:
+        if segment_head is None:
+            raise ValueError("segments > 0 needs a segment_head")
+        loss = loss + segments * _segment_loss(segment_head(merged[0].float()), examples, batch)
     return loss
+
+
+def _segment_loss(predicted: torch.Tensor, examples: Sequence[vqa.Example], batch: BatchFeature) -> torch.Tensor:
+    """Binary cross-entropy of per-token segment logits against `tokcomp.vqa.segment_labels`, near the digit."""
+    merge = 2  # Qwen2-VL merges 2x2 patches; the merger's rows are each picture's tokens, row-major
+    bits, near = [], []
+    for example, (_, gh, _) in zip(examples, batch["image_grid_thw"].tolist()):
+        b, n = vqa.segment_labels(example.scene, gh // merge)
+        bits.append(torch.from_numpy(b))
+        near.append(torch.from_numpy(n))
+    target, where = torch.cat(bits).float(), torch.cat(near)
+    return torch.nn.functional.binary_cross_entropy_with_logits(predicted[where], target[where])
 
 
 def _token_kinds(processor: Qwen2VLProcessor) -> torch.Tensor:
@@ -673,20 +750,25 @@ def _train(
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
+    segment_head = None
+    if cfg.segments:
+        # Training-only, and drawn after the model, so the model starts from the same weights as without it.
+        segment_head = torch.nn.Linear(cfg.hidden, len(vqa.SEGMENT_NAMES))
+        opt.add_param_group({"params": list(segment_head.parameters()), "weight_decay": 0.0})
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     model.train()
     losses: list[float] = []
     t0 = time.perf_counter()
     for step in range(cfg.steps):
-        examples = vqa.make_examples(cfg.batch, seed=cfg.seed, split="train", start=step * cfg.batch)
-        extra = [extra_questions(e, cfg.seed, cfg.per_type, balanced=cfg.balanced) if cfg.extra else []
-                 for e in examples]
+        examples = training_pictures(cfg, step)
+        extra = [extra_questions(e, cfg.seed, cfg.per_type, balanced=cfg.balanced, hard=cfg.hard)
+                 if cfg.extra else [] for e in examples]
         if cfg.shared:
             asked = [[(e.question, e.answer), *more] for e, more in zip(examples, extra)]
             batch = encode_shared(processor, examples, asked)
         else:
             batch = encode(processor, examples, with_answer=True, extra=extra)
-        loss = _loss(model, batch, examples, processor, cfg.dense, cfg.balance)
+        loss = _loss(model, batch, examples, processor, cfg.dense, cfg.balance, cfg.segments, segment_head)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

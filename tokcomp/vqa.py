@@ -47,6 +47,7 @@ __all__ = [
     "QTYPES",
     "SHAPES",
     "SPLITS",
+    "SEGMENT_NAMES",
     "STRIPES",
     "VOCABULARY",
     "Digit",
@@ -58,6 +59,7 @@ __all__ = [
     "chance_accuracy",
     "make_examples",
     "render",
+    "segment_labels",
     "token_labels",
 ]
 
@@ -354,6 +356,47 @@ def token_labels(scene: Scene, grid: int = 12, cover: float = 0.25) -> list[tupl
     return out
 
 
+SEGMENT_NAMES = "abcdefg"
+"""The seven-segment letters in the order of `segment_labels`' columns: a top, b top right,
+c bottom right, d bottom, e bottom left, f top left, g middle."""
+
+
+def segment_labels(scene: Scene, grid: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """Which of the digit's lit segments lie in each cell of a ``grid`` x ``grid`` split of the picture.
+
+    The digit's value is the set of its lit segments (`Digit.lit`), so this splits "what digit" into
+    parts that one cell can see: a cell holding the right half of a "3" holds segments b and c. A
+    segment counts for a cell if at least ``stroke ** 2`` of its pixels fall in the cell. Training can
+    use these as targets at the visual tokens (`tokcomp.train.TrainConfig.segments`).
+
+    Args:
+        scene: The drawing parameters.
+        grid: Cells per side (12: one merged Qwen2-VL token of 28 px each at 336 px).
+
+    Returns:
+        ``(bits, near)``: ``bits`` is ``(grid * grid, 7)`` bool, row-major, columns in `SEGMENT_NAMES`
+        order; ``near`` is ``(grid * grid,)`` bool, the cells that hold at least ``stroke ** 2`` pixels
+        of the digit's box (lit or not), where the bits are meaningful.
+    """
+    d = scene.digit
+    side = IMAGE_SIZE / grid
+    edges = np.arange(grid + 1) * side
+    lo, hi = edges[:-1], edges[1:]
+
+    def overlap(x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        # Inclusive pixel rectangles: pixel x covers [x, x + 1).
+        w = np.clip(np.minimum(hi, x1 + 1) - np.maximum(lo, x0), 0, None)
+        h = np.clip(np.minimum(hi, y1 + 1) - np.maximum(lo, y0), 0, None)
+        return np.outer(h, w).ravel()
+
+    least = d.stroke**2
+    rects = d.segments()
+    bits = np.stack([overlap(*rects[k]) >= least if k in d.lit() else np.zeros(grid * grid, bool)
+                     for k in SEGMENT_NAMES], axis=1)
+    near = overlap(d.x, d.y, d.x + d.width - 1, d.y + d.height - 1) >= least
+    return bits, near
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------------------
@@ -471,7 +514,9 @@ def _example(seed: int, split: str, index: int) -> Example:
     return Example(render(scene), question, answer, qtype, scene, index, split, seed)
 
 
-def ask(scene: Scene, qtype: str, rng: random.Random, *, balanced: bool = False) -> tuple[str, str] | None:
+def ask(
+    scene: Scene, qtype: str, rng: random.Random, *, balanced: bool = False, hard: bool = False
+) -> tuple[str, str] | None:
     """A random question of a type about an existing scene, with its answer from the scene's parameters.
 
     Unlike the examples of `make_examples`, whose scenes are drawn so that each type's answers are
@@ -486,6 +531,11 @@ def ask(scene: Scene, qtype: str, rng: random.Random, *, balanced: bool = False)
         balanced: Half of the ``exist`` questions ask about a drawn object ("yes") and the other half
             about a (colour, shape) not drawn ("no"); half of the ``count`` questions ask the colour
             of a drawn object (so larger counts come up), the other half any colour.
+        hard: With ``balanced``, ask what a shortcut gets wrong: an ``exist`` "no" names a drawn colour
+            on a shape it is not drawn with (when there is one), so that seeing the colour is not
+            enough, and a ``count`` asks half the time about the colour drawn most often, else about
+            one of the scene's distinct counts picked uniformly (so a scene with three red objects asks
+            "red" far more often).
 
     Returns:
         ``(question, answer)``, or ``None`` if the scene has nothing to ask of that type (no object at a
@@ -502,14 +552,26 @@ def ask(scene: Scene, qtype: str, rng: random.Random, *, balanced: bool = False)
     if qtype == "stripes":
         return "which way do the stripes run ?", scene.stripes.orientation
     if qtype == "count":
-        colour = rng.choice(objects).colour if balanced and objects and rng.random() < 0.5 else rng.choice(list(COLOURS))
+        counts = {c: sum(o.colour == c for o in objects) for c in COLOURS}
+        if balanced and hard and rng.random() < 0.5:
+            colour = max(COLOURS, key=lambda c: (counts[c], rng.random()))
+        elif balanced and hard:
+            n = rng.choice(sorted(set(counts.values())))
+            colour = rng.choice([c for c in COLOURS if counts[c] == n])
+        elif balanced and objects and rng.random() < 0.5:
+            colour = rng.choice(objects).colour
+        else:
+            colour = rng.choice(list(COLOURS))
         return f"how many {colour} objects are there ?", str(min(MAX_COUNT, sum(o.colour == colour for o in objects)))
     if qtype == "exist":
         drawn = {(o.shape, o.colour) for o in objects}
         if balanced and objects and rng.random() < 0.5:
             shape, colour = rng.choice(sorted(drawn))
         elif balanced:
-            shape, colour = rng.choice([(s, c) for s in SHAPES for c in COLOURS if (s, c) not in drawn])
+            absent = [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in drawn]
+            # A drawn colour on a shape it is not drawn with: "is there a colour" is not enough.
+            near = [(s, c) for s, c in absent if any(c == u for _, u in drawn)]
+            shape, colour = rng.choice(near if hard and near else absent)
         else:
             shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         present = (shape, colour) in drawn
