@@ -87,6 +87,7 @@ __all__ = [
     "save_checkpoint",
     "token_accuracy",
     "train",
+    "training_pictures",
 ]
 
 _SPECIALS = ("<unk>", "<pad>", "<s>", "</s>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
@@ -188,8 +189,6 @@ class TrainConfig:
             kind (background, object, digit, stripes) is a share ``f`` of the batch's visual tokens
             weighs ``f ** -balance`` (1: every kind weighs the same in all; 0: every token the same).
         balanced: Ask the extra questions with even yes/no and counts (`extra_questions`).
-        hard: With ``balanced``, make the extra ``exist`` negatives share a colour or a shape with a drawn
-            object and spread the extra counts (`tokcomp.vqa.ask`), as the task's own questions do.
         pictures: Comma-separated question types whose pictures make up the training stream, as a
             pattern that repeats (a type named twice takes two pictures per round; empty: all, in the
             split's order). Every type is still asked about each picture through ``extra``;
@@ -225,9 +224,12 @@ class TrainConfig:
     per_type: int = 3
     balance: float = 0.5
     balanced: bool = True
-    hard: bool = False
-    pictures: str = ""
-    segments: float = 0.0
+    # Count scenes twice, and no scenes drawn for the questions every picture can answer (background,
+    # digit, stripes): only count scenes hold three or more objects of a colour. 82.0% against 80.2%
+    # for the split's own order, on 1,400 held-out questions after 1,400 steps.
+    pictures: str = "count,count,position,relation,exist"
+    # Per-cell digit segments: the digit went from 39% to 67% of 200 held-out questions (1,400 steps).
+    segments: float = 1.0
 
 
 def model_config(cfg: TrainConfig) -> Qwen2VLConfig:
@@ -314,7 +316,7 @@ def answer_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
 # Batches
 # ---------------------------------------------------------------------------------------------------------
 def extra_questions(
-    example: vqa.Example, seed: int, per_type: int = 1, *, balanced: bool = False, hard: bool = False
+    example: vqa.Example, seed: int, per_type: int = 1, *, balanced: bool = False
 ) -> list[tuple[str, str]]:
     """More questions about an example's picture: up to ``per_type`` of each type, none repeated.
 
@@ -327,8 +329,6 @@ def extra_questions(
         seed: Seed of the choices (with the example's index).
         per_type: Questions to draw per type (the example's own question counts for its type).
         balanced: Even out the yes/no of ``exist`` and the counts of ``count`` (`tokcomp.vqa.ask`).
-        hard: With ``balanced``, hard ``exist`` negatives and larger counts (`tokcomp.vqa.ask`), and
-            only one in five of the extra counts of 0-2 is kept (the task's counts are even over 0-5).
 
     Returns:
         ``(question, answer)`` pairs from `tokcomp.vqa.ask`, without the example's own question.
@@ -338,11 +338,7 @@ def extra_questions(
     out = []
     for qtype in vqa.QTYPES:
         for _ in range(per_type - (qtype == example.qtype)):
-            qa = vqa.ask(example.scene, qtype, rng, balanced=balanced, hard=hard)
-            # Only count scenes hold three or more objects of a colour, so the extra counts are mostly
-            # 0-2; keeping one in five of those brings the counts' mix nearer the task's even one.
-            if hard and qa is not None and qtype == "count" and int(qa[1]) <= 2 and rng.random() < 0.8:
-                continue
+            qa = vqa.ask(example.scene, qtype, rng, balanced=balanced)
             if qa is not None and qa[0] not in seen:
                 seen.add(qa[0])
                 out.append(qa)
@@ -761,8 +757,8 @@ def _train(
     t0 = time.perf_counter()
     for step in range(cfg.steps):
         examples = training_pictures(cfg, step)
-        extra = [extra_questions(e, cfg.seed, cfg.per_type, balanced=cfg.balanced, hard=cfg.hard)
-                 if cfg.extra else [] for e in examples]
+        extra = [extra_questions(e, cfg.seed, cfg.per_type, balanced=cfg.balanced) if cfg.extra else []
+                 for e in examples]
         if cfg.shared:
             asked = [[(e.question, e.answer), *more] for e, more in zip(examples, extra)]
             batch = encode_shared(processor, examples, asked)

@@ -45,9 +45,9 @@ __all__ = [
     "IMAGE_SIZE",
     "POSITIONS",
     "QTYPES",
+    "SEGMENT_NAMES",
     "SHAPES",
     "SPLITS",
-    "SEGMENT_NAMES",
     "STRIPES",
     "VOCABULARY",
     "Digit",
@@ -374,9 +374,9 @@ def segment_labels(scene: Scene, grid: int = 12) -> tuple[np.ndarray, np.ndarray
         grid: Cells per side (12: one merged Qwen2-VL token of 28 px each at 336 px).
 
     Returns:
-        ``(bits, near)``: ``bits`` is ``(grid * grid, 7)`` bool, row-major, columns in `SEGMENT_NAMES`
-        order; ``near`` is ``(grid * grid,)`` bool, the cells that hold at least ``stroke ** 2`` pixels
-        of the digit's box (lit or not), where the bits are meaningful.
+        bits: ``(grid * grid, 7)`` bool, row-major, columns in `SEGMENT_NAMES` order.
+        near: ``(grid * grid,)`` bool, the cells that hold at least ``stroke ** 2`` pixels of the
+            digit's box (lit or not), where the bits are meaningful.
     """
     d = scene.digit
     side = IMAGE_SIZE / grid
@@ -514,9 +514,7 @@ def _example(seed: int, split: str, index: int) -> Example:
     return Example(render(scene), question, answer, qtype, scene, index, split, seed)
 
 
-def ask(
-    scene: Scene, qtype: str, rng: random.Random, *, balanced: bool = False, hard: bool = False
-) -> tuple[str, str] | None:
+def ask(scene: Scene, qtype: str, rng: random.Random, *, balanced: bool = False) -> tuple[str, str] | None:
     """A random question of a type about an existing scene, with its answer from the scene's parameters.
 
     Unlike the examples of `make_examples`, whose scenes are drawn so that each type's answers are
@@ -531,11 +529,6 @@ def ask(
         balanced: Half of the ``exist`` questions ask about a drawn object ("yes") and the other half
             about a (colour, shape) not drawn ("no"); half of the ``count`` questions ask the colour
             of a drawn object (so larger counts come up), the other half any colour.
-        hard: With ``balanced``, ask what a shortcut gets wrong: an ``exist`` "no" names a drawn colour
-            on a shape it is not drawn with (when there is one), so that seeing the colour is not
-            enough, and a ``count`` asks half the time about the colour drawn most often, else about
-            one of the scene's distinct counts picked uniformly (so a scene with three red objects asks
-            "red" far more often).
 
     Returns:
         ``(question, answer)``, or ``None`` if the scene has nothing to ask of that type (no object at a
@@ -552,26 +545,14 @@ def ask(
     if qtype == "stripes":
         return "which way do the stripes run ?", scene.stripes.orientation
     if qtype == "count":
-        counts = {c: sum(o.colour == c for o in objects) for c in COLOURS}
-        if balanced and hard and rng.random() < 0.5:
-            colour = max(COLOURS, key=lambda c: (counts[c], rng.random()))
-        elif balanced and hard:
-            n = rng.choice(sorted(set(counts.values())))
-            colour = rng.choice([c for c in COLOURS if counts[c] == n])
-        elif balanced and objects and rng.random() < 0.5:
-            colour = rng.choice(objects).colour
-        else:
-            colour = rng.choice(list(COLOURS))
+        colour = rng.choice(objects).colour if balanced and objects and rng.random() < 0.5 else rng.choice(list(COLOURS))
         return f"how many {colour} objects are there ?", str(min(MAX_COUNT, sum(o.colour == colour for o in objects)))
     if qtype == "exist":
         drawn = {(o.shape, o.colour) for o in objects}
         if balanced and objects and rng.random() < 0.5:
             shape, colour = rng.choice(sorted(drawn))
         elif balanced:
-            absent = [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in drawn]
-            # A drawn colour on a shape it is not drawn with: "is there a colour" is not enough.
-            near = [(s, c) for s, c in absent if any(c == u for _, u in drawn)]
-            shape, colour = rng.choice(near if hard and near else absent)
+            shape, colour = rng.choice([(s, c) for s in SHAPES for c in COLOURS if (s, c) not in drawn])
         else:
             shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         present = (shape, colour) in drawn
