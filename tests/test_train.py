@@ -131,22 +131,23 @@ def test_shipped_checkpoint_reaches_its_stated_accuracy(shipped):
     assert lo <= info["accuracy"]["all"] <= hi
     # What the model has learnt (docs/accuracy.md): the background colour and the stripe orientation
     # nearly every time, and every type well above chance: even on 20 questions of a type, the 95%
-    # interval stays above guessing. Overall it is above 75%, short of the 90% the issue asks for.
+    # interval stays above guessing. Overall it is above 85% here (88.3% on 1,400 questions, short of
+    # the 90% the issue asks for).
     per = {q: [r for r, e in zip(right, held_out) if e.qtype == q] for q in vqa.QTYPES}
     for q in ("global", "stripes"):
         assert sum(per[q]) / len(per[q]) >= 0.9 and info["accuracy"][q] >= 0.9, q
     for q, r in per.items():
         assert wilson(sum(r), len(r))[0] > vqa.chance_accuracy(q), (q, sum(r), len(r))
-    assert sum(right) / len(right) > 0.75
+    assert sum(right) / len(right) > 0.85
 
 
 def test_shipped_visual_tokens_name_their_cells(shipped):
     # The auxiliary task the checkpoint was trained with (docs/accuracy.md): its visual tokens name their
-    # colour, their named cell and the stripe orientation nearly always, the shape most of the time and
-    # the digit about half the time (chance: a third and a tenth).
+    # colour, their named cell and the stripe orientation nearly always, the shape and the digit most of
+    # the time (chance: a third and a tenth).
     acc = train.token_accuracy(*shipped, vqa.make_examples(8, seed=0, split="test", start=20_000))
     assert min(acc["colour"], acc["cell"], acc["background"], acc["stripes"]) >= 0.9, acc
-    assert acc["shape"] > 0.6 and acc["digit"] > 0.3, acc
+    assert acc["shape"] > 0.8 and acc["digit"] > 0.7, acc
 
 
 def test_token_accuracy_scores_the_cell_words():
