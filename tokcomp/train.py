@@ -25,6 +25,13 @@ What made it learn, in the order it was found (`docs/accuracy.md` has the measur
   shapes and the digit read more often. Probably because the ViT's rotary gives each axis a quarter of a
   head's dimensions: a 16-dimension head has only 4 frequencies per axis (1 to 0.001 rad a patch), too
   few to look at a patch's near neighbours.
+- **The digit's segments per cell** (``segments``, `tokcomp.vqa.segment_labels`): a training-only head
+  on the merger output predicts which lit segments lie in each visual token's cell. The digit was mostly
+  confused between digits one vertical segment apart (2/3, 5/6, 8/9); with these targets it went from
+  39% to 67% of 200 held-out questions at equal steps.
+- **Count scenes twice** (``pictures``, `training_pictures`): only the task's count scenes hold three or
+  more objects of a colour, and the model answered 2 to most counts of 3 and 4; drawing them twice as
+  often took counting from 57% to 70% at equal steps.
 
 Weights start from a unit-gain initialisation (`init_weights`).
 
