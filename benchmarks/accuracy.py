@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     command = f"python benchmarks/accuracy.py --threads {args.threads}"
+    model, processor = testing.trained_model()
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
         result = None
@@ -412,14 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         from tokcomp import train, vqa
 
         pictures = vqa.make_examples(32, seed=0, split="test", start=20_000)
-        data["token_accuracy"] = train.token_accuracy(*testing.trained_model(), pictures)
+        data["token_accuracy"] = train.token_accuracy(model, processor, pictures)
         data["token_accuracy_pictures"] = len(pictures)
         held_out = vqa.make_examples(CHECK_EXAMPLES, seed=0, split="test")
-        answers = train.predict(*testing.trained_model(), held_out)
-        data["forward_check"] = {"examples": len(held_out), "accuracy": {
-            **{q: sum(a == e.answer for a, e in zip(answers, held_out) if e.qtype == q)
-               / sum(e.qtype == q for e in held_out) for q in vqa.QTYPES},
-            "all": sum(a == e.answer for a, e in zip(answers, held_out)) / len(held_out)}}
+        answers = train.predict(model, processor, held_out)
+        # The same per-type figures as the training script's own check.
+        data["forward_check"] = {"examples": len(held_out), "accuracy": train._accuracy(answers, held_out)}
         by_answer: dict[str, dict[str, list[bool]]] = {}
         for a, e in zip(answers, held_out):
             if e.qtype in ("count", "exist"):
@@ -435,7 +434,6 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT, check=False).stdout.strip() or "unknown"
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    model, _ = testing.trained_model()
     params = sum(p.numel() for p in model.parameters())
     (ROOT / "docs" / "accuracy.md").write_text(page(data, training, command, date, commit, params))
     print(f"wrote docs/accuracy.md ({data['wall_s']:.0f} s run)", file=sys.stderr)

@@ -625,6 +625,8 @@ def training_pictures(cfg: TrainConfig, step: int) -> list[vqa.Example]:
 def _loss(model: Any, batch: BatchFeature, examples: Sequence[vqa.Example], processor: Qwen2VLProcessor,
           dense: float, balance: float = 0.0, segments: float = 0.0,
           segment_head: torch.nn.Module | None = None) -> torch.Tensor:
+    if segments and segment_head is None:
+        raise ValueError("segments > 0 needs a segment_head")
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     merged: list[torch.Tensor] = []
     hook = (model.model.visual.merger.register_forward_hook(lambda _m, _i, out: merged.append(out))
@@ -653,15 +655,18 @@ def _loss(model: Any, batch: BatchFeature, examples: Sequence[vqa.Example], proc
         else:
             loss = loss + dense * per_token[present].mean()
     if segments:
-        if segment_head is None:
-            raise ValueError("segments > 0 needs a segment_head")
-        loss = loss + segments * _segment_loss(segment_head(merged[0].float()), examples, batch)
+        merge = model.config.vision_config.spatial_merge_size
+        loss = loss + segments * _segment_loss(segment_head(merged[0].float()), examples, batch, merge)
     return loss
 
 
-def _segment_loss(predicted: torch.Tensor, examples: Sequence[vqa.Example], batch: BatchFeature) -> torch.Tensor:
-    """Binary cross-entropy of per-token segment logits against `tokcomp.vqa.segment_labels`, near the digit."""
-    merge = 2  # Qwen2-VL merges 2x2 patches; the merger's rows are each picture's tokens, row-major
+def _segment_loss(predicted: torch.Tensor, examples: Sequence[vqa.Example], batch: BatchFeature,
+                  merge: int) -> torch.Tensor:
+    """Binary cross-entropy of per-token segment logits against `tokcomp.vqa.segment_labels`, near the digit.
+
+    The merger's rows are each picture's merged tokens in turn, row-major over its grid of
+    ``grid_h / merge`` cells a side.
+    """
     bits, near = [], []
     for example, (_, gh, _) in zip(examples, batch["image_grid_thw"].tolist()):
         b, n = vqa.segment_labels(example.scene, gh // merge)
