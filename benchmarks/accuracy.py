@@ -400,13 +400,16 @@ def page(data: dict, training: dict, command: str, date: str, commit: str, param
     return "\n".join(lines) + "\n"
 
 
+_OUTPUTS = (":!docs/accuracy.md", ":!benchmarks/results/accuracy.json", ":!docs/assets/accuracy*.png")
+
+
 def _commit() -> str:
-    """The short commit of the checkout, marked when tracked files differ from it."""
+    """The short commit of the checkout, marked when tracked files other than this script's outputs differ."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, check=False).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return commit + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no", "--", ".", *_OUTPUTS) else "")
 
 
 def main(argv: list[str] | None = None) -> int:
