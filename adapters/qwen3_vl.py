@@ -20,8 +20,8 @@ What differs from Qwen2-VL (transformers 5.23/5.24), and how the adapter follows
   - LLM site: the adapter takes ``visual_pos_masks`` / ``deepstack_visual_embeds`` off the language model's
     call and adds the features itself after each of those layers, at the visual tokens the sequence still
     holds (the runtime tells it the slots through `Adapter.slots_changed`): a pruned token's feature is
-    dropped with it. A token an LLM-site merge keeps receives its own feature (the cluster's other features
-    are dropped with their tokens).
+    dropped with it. A token an LLM-site merge keeps (PACT) receives the plain mean of its members' features,
+    as its hidden state is the mean of theirs (`Adapter.tokens_merged`); merges of merged tokens compose.
   - Encoder site: a tap taken before a merge block holds full-resolution features; at the end of the tower
     each tap is regrouped onto the final grid with the same token-to-cluster assignment (size-weighted mean
     over the original patches of each merged token) and sent through its merger again. A tap taken after
@@ -78,6 +78,9 @@ class Qwen3VLAdapter(QwenVLAdapterBase):
         super().__init__(model)
         self._slots: torch.Tensor | None = None
         self._deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        # per sample, the merged tokens of this prefill as (target, source, weight) over original slots:
+        # the feature of a present target is sum(weight * feature[source]).
+        self._mix: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def deepstack_layers(self) -> int:
@@ -107,6 +110,30 @@ class Qwen3VLAdapter(QwenVLAdapterBase):
     def slots_changed(self, index: torch.Tensor | None) -> None:
         """Remember which original sequence slot each present slot holds (None: all, in order)."""
         self._slots = index
+        if index is None:  # a new prefill: merges of an earlier call do not apply
+            self._mix = {}
+
+    def tokens_merged(self, sample: int, into: torch.Tensor, members: torch.Tensor) -> None:
+        """Note that each ``into`` token now stands for the mean of its ``members`` (original slots), so
+        that the DeepStack layers after the merge add the mean of the members' features there."""
+        into, members = into.long().cpu(), members.long().cpu()
+        _, inverse, counts = torch.unique(into, return_inverse=True, return_counts=True)
+        share = 1.0 / counts[inverse].float()
+        empty = torch.zeros(0, dtype=torch.long)
+        tgt, src, w = self._mix.get(sample, (empty, empty, empty.float()))
+        # A member merged before stands for its own sources: expand it, scaling their weights.
+        size = int(max(into.max(), members.max(), tgt.max() if tgt.numel() else -1)) + 1
+        member_at = torch.full((size,), -1, dtype=torch.long)
+        member_at[members] = torch.arange(members.numel())
+        expanded = member_at[tgt] >= 0
+        at = member_at[tgt[expanded]]
+        plain = torch.ones(members.numel(), dtype=torch.bool)
+        plain[at] = False
+        self._mix[sample] = (
+            torch.cat([tgt[~expanded], into[at], into[plain]]),
+            torch.cat([src[~expanded], src[expanded], members[plain]]),
+            torch.cat([w[~expanded], w[expanded] * share[at], share[plain]]),
+        )
 
     def _take_deepstack(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         embeds = kwargs.get("deepstack_visual_embeds")
@@ -139,7 +166,10 @@ class Qwen3VLAdapter(QwenVLAdapterBase):
                 rank = (mask.flatten().long().cumsum(0) - 1).view_as(mask)
                 at = idx.clamp(min=0)
                 kept = mask.gather(1, at) & (idx >= 0)
+                table = feats
                 feats = feats[rank.gather(1, at)[kept].to(feats.device)]
+                if self._mix:
+                    feats = self._mixed(feats, table, rank, idx, kept)
                 mask = kept
             # the model's own _deepstack_process, on the slots present
             feats = feats.to(hs.device, hs.dtype)
@@ -148,6 +178,24 @@ class Qwen3VLAdapter(QwenVLAdapterBase):
             return (hs, *out[1:]) if isinstance(out, tuple) else hs
 
         return hook
+
+    def _mixed(self, feats: torch.Tensor, table: torch.Tensor, rank: torch.Tensor, idx: torch.Tensor,
+               kept: torch.Tensor) -> torch.Tensor:
+        """``feats`` (one row per present visual slot, row-major over ``kept``) with each merged token's row
+        replaced by the weighted sum of its sources' rows of the full ``table``."""
+        rows = kept.nonzero()
+        out = feats.clone()
+        for b, (tgt, src, w) in self._mix.items():
+            mine = (rows[:, 0] == b).nonzero().squeeze(1)
+            row_of = torch.full((rank.shape[1],), -1, dtype=torch.long, device=rows.device)
+            row_of[idx[b, rows[mine, 1]]] = mine
+            tgt, src, w = tgt.to(rows.device), src.to(rows.device), w.to(rows.device)
+            here = row_of[tgt] >= 0  # targets dropped by a later stage take no feature
+            dest = row_of[tgt[here]]
+            vals = table[rank[b, src[here]].to(table.device)].float() * w[here, None].to(table.device)
+            acc = torch.zeros(feats.shape, dtype=torch.float32, device=table.device).index_add_(0, dest.to(table.device), vals)
+            out[dest.unique()] = acc[dest.unique()].to(feats.dtype)
+        return out
 
 
 def regroup(x: torch.Tensor, owner_from: torch.Tensor, owner_to: torch.Tensor, n_to: int) -> torch.Tensor:

@@ -520,9 +520,12 @@ class PACT(LLMStrategy):
         slot = torch.full((n,), -1, dtype=torch.long, device=hidden.device)
         slot[kept[centres]] = torch.arange(centres.numel(), device=hidden.device)
         sizes.index_add_(0, slot[kept[labels]], view.sizes[kept].float())
+        members = torch.full((n,), -1, dtype=torch.long, device=hidden.device)
+        members[kept] = slot[kept[labels]]
         if plabels is not None:
             ok = plabels >= 0
             sizes.index_add_(0, slot[kept[plabels[ok]]], view.sizes[pruned_idx[ok]].float())
+            members[pruned_idx[ok]] = slot[kept[plabels[ok]]]
         info = {"euti_kept": int(kept.numel()), "clusters": int(centres.numel()),
                 "retrieved": int((plabels >= 0).sum()) if plabels is not None else 0}
         del counts
@@ -530,5 +533,6 @@ class PACT(LLMStrategy):
             keep=kept[centres],
             hidden=merged,
             sizes=sizes if self.proportional_attention else None,
+            members=members,
             info=info,
         )

@@ -6,13 +6,16 @@ A batch holds an image per sample and a 4-frame video (2 timestamped runs) in th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 from conftest import all_hooks, cached_model, needs_precomputed_features
 from einops import rearrange
 from test_adapters_matrix import _layouts_in_generate, _mask_oracle, _same_layouts
 from test_encoder_qwen import _shrunk
-from tokcomp.strategies import OIM, Downsample, RandomPrune
+from tokcomp.strategies import OIM, PACT, Downsample, RandomPrune
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 import tokcomp as tc
@@ -81,6 +84,7 @@ def test_drop_equals_mask(arch, attn, layer):
 
 _GEN_STAGES = {
     "random-llm1": lambda: tc.Stage(RandomPrune(keep_ratio=0.5), layers=[1]),
+    "pact-llm1": lambda: tc.Stage(PACT(keep_ratio=0.6, cutoff=0.5), layers=[1]),  # merges: mixed DeepStack
     "oim-encoder1": lambda: tc.Stage(OIM(rate=0.25), site="encoder", layers=[1]),
     "downsample-projector": lambda: tc.Stage(Downsample(factor=2), site="projector"),
 }
@@ -233,3 +237,126 @@ def test_qwen3_5_is_refused_by_name_with_the_reason(cls_name):
     msg = str(info.value)
     assert cls_name in msg and "Qwen3.5" in msg and "Gated DeltaNet" in msg and "per-token" in msg, msg
     assert all_hooks(model) == [] and not hasattr(model, "_tokcomp_active")
+
+
+@dataclass
+class _PairMerge(tc.LLMStrategy):
+    """Merges present visual tokens 2i and 2i+1 into token 2i (plain mean); an odd last one stays alone."""
+
+    name: ClassVar[str] = "test-pair-merge"
+
+    def select(self, view: tc.LLMView) -> tc.LLMDecision:
+        n, dev = view.num_present, view.hidden.device
+        members = torch.arange(n, device=dev) // 2
+        keep = torch.arange(0, n, 2, device=dev)
+        sums = torch.zeros(keep.numel(), view.hidden.shape[-1], device=dev).index_add_(0, members, view.hidden.float())
+        hidden = sums / torch.bincount(members).float()[:, None]
+        return tc.LLMDecision(keep=keep, hidden=hidden.to(view.hidden.dtype), members=members)
+
+
+def _recording(strategy: tc.LLMStrategy) -> tuple[tc.LLMStrategy, list]:
+    """The strategy with its decisions recorded as (layer, sample, visual ranks of the view, keep, members)."""
+    seen: list = []
+    select = strategy.select
+
+    def recorded(view: tc.LLMView) -> tc.LLMDecision:
+        d = select(view)
+        seen.append((view.layer, view.sample, view.index.clone(), d.keep.clone(), d.members.clone()))
+        return d
+
+    strategy.select = recorded  # this instance only
+    return strategy, seen
+
+
+def _merge_oracle(model, batch, records, *, merge_features: bool = True) -> tuple[torch.Tensor, dict]:
+    """The unpatched model with the recorded merges done by hand: at a merging layer's input each kept
+    token's hidden state becomes the mean of its members' (the others are masked out of attention from
+    there on, `testing.masked_logits`), and with ``merge_features`` each DeepStack layer after the merge
+    adds the mean of the members' features at the kept token (successive means, as the merges ran)."""
+    layouts = tc.find_adapter(model).layouts(dict(batch))
+    valid = batch["attention_mask"].bool()
+    B, L = valid.shape
+    n_layers = len(model.model.language_model.layers)
+    mix = [torch.eye(lay.num_visual) for lay in layouts]  # feature of each visual rank over the original ones
+    present = [torch.ones(lay.num_visual, dtype=torch.bool) for lay in layouts]
+    mix_after, kept, merges = {}, {}, {}
+    for i in range(n_layers):
+        for layer, b, ranks, keep, members in records:
+            if layer != i:
+                continue
+            old = mix[b].clone()
+            for c in range(keep.numel()):
+                mix[b][ranks[keep[c]]] = old[ranks[members == c]].mean(0)
+            gone = torch.ones(ranks.numel(), dtype=torch.bool)
+            gone[keep] = False
+            present[b][ranks[gone]] = False
+            merges.setdefault(i, []).append((b, [(layouts[b].positions[ranks[keep[c]]],
+                                                  layouts[b].positions[ranks[members == c]]) for c in range(keep.numel())]))
+        mix_after[i] = [m.clone() for m in mix]
+        rows = []
+        for b, lay in enumerate(layouts):
+            slots = torch.ones(L, dtype=torch.bool)
+            slots[lay.positions[~present[b]]] = False
+            rows.append(slots.nonzero().squeeze(1))
+        width = max(r.numel() for r in rows)
+        kept[i] = torch.stack([torch.cat([torch.full((width - r.numel(),), -1), r]) for r in rows])
+
+    def merge_hidden(i):
+        def hook(mod, args, kwargs):
+            hs = (args[0] if args else kwargs["hidden_states"]).clone()
+            for b, clusters in merges[i]:
+                for target, members in clusters:
+                    hs[b, target] = hs[b, members].float().mean(0).to(hs.dtype)
+            if args:
+                return (hs, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hs}
+        return hook
+
+    def merge_deepstack(mod, args, kwargs):
+        embeds = kwargs.get("deepstack_visual_embeds")
+        if embeds is None or not merge_features:
+            return None
+        counts = [lay.num_visual for lay in layouts]
+        new = []
+        for j, e in enumerate(embeds):
+            parts = e.split(counts)
+            new.append(torch.cat([(mix_after[j][b] @ parts[b].float()).to(e.dtype) for b in range(B)]))
+        return args, {**kwargs, "deepstack_visual_embeds": new}
+
+    lm = model.model.language_model
+    handles = [lm.register_forward_pre_hook(merge_deepstack, with_kwargs=True)]
+    handles += [lm.layers[i].register_forward_pre_hook(merge_hidden(i), with_kwargs=True) for i in merges]
+    try:
+        return testing.masked_logits(model, batch, kept), kept
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize(
+    ("attn", "make", "layers"),
+    [("sdpa", _PairMerge, [1]), ("eager", _PairMerge, [0]), ("sdpa", _PairMerge, [0, 1]),
+     ("sdpa", lambda: PACT(keep_ratio=0.6, cutoff=0.5, proportional_attention=False), [1])],
+    ids=["pairs-layer1", "pairs-layer0-eager", "pairs-nested", "pact-layer1"],
+)
+def test_llm_merge_before_a_deepstack_layer_merges_the_deepstack_features_too(attn, make, layers):
+    """A merged token gets the mean of its members' DeepStack features in the layers after the merge: the
+    logits equal the unpatched model with the same merges done by hand, and differ from it when each kept
+    token keeps its own feature (what tokcomp did before)."""
+    model = cached_model("qwen3_vl", attn)
+    batch = dict(_batch("qwen3_vl"))
+    strategy, records = _recording(make())
+    with torch.no_grad(), tc.compress(model, [tc.Stage(strategy, layers=layers)]) as run:
+        merged = model(**batch).logits
+        final = run.kept_positions(3)
+    assert any((m >= 0).sum() > torch.unique(m[m >= 0]).numel() for *_, m in records), "no token merged"
+    oracle, kept = _merge_oracle(model, batch, records)
+    own, _ = _merge_oracle(model, batch, records, merge_features=False)
+    valid = batch["attention_mask"].bool()
+    for b in range(final.shape[0]):
+        slots = (final[b] >= 0) & valid[b, final[b].clamp(min=0)]
+        mine = kept[3][b][kept[3][b] >= 0]
+        assert final[b][slots].tolist() == mine[valid[b, mine]].tolist()  # the oracle kept the same tokens
+        torch.testing.assert_close(merged[b, slots], oracle[b, final[b][slots]], atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(own, oracle, atol=1e-3)
+    assert all_hooks(model) == []

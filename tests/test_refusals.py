@@ -228,13 +228,27 @@ class _BadLLM(tc.LLMStrategy):
             return tc.LLMDecision(keep=torch.ones(n, dtype=torch.bool, device=dev))
         if self.how == "unsorted":
             return tc.LLMDecision(keep=torch.tensor([2, 0], device=dev))
+        keep2 = torch.arange(2, device=dev)
+        if self.how == "members-shape":
+            return tc.LLMDecision(keep=keep2, hidden=view.hidden[:2], members=torch.zeros(n - 1, dtype=torch.long))
+        if self.how == "members-range":
+            return tc.LLMDecision(keep=keep2, hidden=view.hidden[:2], members=torch.full((n,), 2))
+        if self.how == "members-self":  # kept token 1 sent into kept token 0
+            return tc.LLMDecision(keep=keep2, hidden=view.hidden[:2], members=torch.zeros(n, dtype=torch.long))
+        if self.how == "members-float":
+            return tc.LLMDecision(keep=keep2, hidden=view.hidden[:2], members=torch.zeros(n))
+        if self.how == "members-no-hidden":
+            return tc.LLMDecision(keep=keep2, members=torch.cat([keep2, torch.full((n - 2,), -1)]))
         return tc.LLMDecision(keep=torch.arange(2, device=dev), hidden=view.hidden[:3])
 
 
 @pytest.mark.parametrize(
     ("how", "needle"),
     [("range", "outside [0,"), ("duplicate", "more than once"), ("mask", "boolean mask"),
-     ("unsorted", "ascending"), ("hidden", "one row per kept token")],
+     ("unsorted", "ascending"), ("hidden", "one row per kept token"),
+     ("members-shape", "one entry per present token"), ("members-range", "or -1 (dropped)"),
+     ("members-self", "every kept token into itself"), ("members-float", "long tensor"),
+     ("members-no-hidden", "give the merged hidden states")],
 )
 def test_invalid_llm_decision_names_the_strategy(qwen, how, needle):
     inputs = testing.tiny_inputs("qwen2_vl")

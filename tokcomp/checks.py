@@ -113,6 +113,22 @@ def checked_select(label: str, layer: int, strategy: Any, view: LLMView) -> LLMD
             raise StrategyOutputError(f"{where}: sizes has shape {tuple(sizes.shape)}, expected ({k},)")
         if k and not bool(torch.isfinite(sizes).all() and (sizes > 0).all()):
             raise StrategyOutputError(f"{where}: sizes must be finite and > 0 (patches each token stands for)")
+    if decision.members is not None:
+        members = decision.members
+        if not isinstance(members, torch.Tensor) or members.is_floating_point() or members.dtype == torch.bool:
+            raise StrategyOutputError(f"{where}: members must be a long tensor of positions in keep (or -1)")
+        if tuple(members.shape) != (n,):
+            raise StrategyOutputError(
+                f"{where}: members has shape {tuple(members.shape)}, expected ({n},): one entry per present token"
+            )
+        members = members.to(device=keep.device, dtype=torch.long)
+        if bool(((members < -1) | (members >= k)).any()):
+            raise StrategyOutputError(f"{where}: members must hold positions in keep, in [0, {k}), or -1 (dropped)")
+        if k and bool((members[keep] != torch.arange(k, device=keep.device)).any()):
+            raise StrategyOutputError(f"{where}: members must send every kept token into itself (members[keep[i]] == i)")
+        if decision.hidden is None:
+            raise StrategyOutputError(f"{where}: members describes a merge; give the merged hidden states too")
+        decision.members = members
     decision.keep = keep
     return decision
 

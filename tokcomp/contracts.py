@@ -250,12 +250,19 @@ class LLMDecision:
             at its kept slot).
         sizes: Optional ``(k,)`` new sizes of the kept tokens. Sizes other than 1 switch on proportional
             attention (``log size`` added to the attention logits of those keys) in the layers that follow.
+        members: Optional ``(n,)`` long, for a merge: for each present visual token of the view, the
+            position in ``keep`` of the kept token it went into (a kept token goes into itself), ``-1``
+            for a token dropped without merging. It says that ``hidden`` is the plain mean of each kept
+            token's members, so that an adapter can merge what it adds to the tokens in later layers the
+            same way (Qwen3-VL's DeepStack features, through `Adapter.tokens_merged`). Without it, a kept
+            token's later inputs are its own.
         info: Free-form numbers the strategy wants in the report.
     """
 
     keep: torch.Tensor
     hidden: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
+    members: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -612,6 +619,20 @@ class Adapter:
                 for a dead padding slot), or None at the start of a prefill (every slot, in order). It
                 holds until the next call: for the layers after a stage, and for the adapter's own hooks
                 (`install_llm`) on those layers' outputs.
+        """
+
+    def tokens_merged(self, sample: int, into: torch.Tensor, members: torch.Tensor) -> None:
+        """Told by the runtime that an LLM-site stage merged visual tokens of one sample (`LLMDecision.members`).
+
+        Called before the `slots_changed` of the same stage. Each kept token's hidden state is now the
+        plain mean of its members'; an adapter that adds its own inputs at the visual tokens in later layers
+        (`install_llm`) adds the same mean of its members' inputs there.
+
+        Args:
+            sample: The batch row.
+            into: ``(m,)`` long, the original sequence slot of the kept token each member went into.
+            members: ``(m,)`` long, each member's original sequence slot; every kept token with more than
+                one member is listed as a member of itself. Tokens merged with no other are not listed.
         """
 
     # -- vision tower (encoder / projector sites) ---------------------------------------------------------

@@ -692,6 +692,14 @@ class CompressionRun:
                 new_hidden[b] = (kept_slots, decision.hidden)
             if decision.sizes is not None:
                 new_sizes[b] = (kept_slots, decision.sizes)
+            if decision.members is not None:
+                joined = decision.members >= 0
+                counts = torch.bincount(decision.members[joined], minlength=keep.numel())
+                # only clusters of two or more: a token merged with no other keeps its own inputs
+                merged = joined & (counts[decision.members.clamp(min=0)] > 1)
+                if bool(merged.any()):
+                    orig = index[b, vis_slots]
+                    self.adapter.tokens_merged(b, orig[keep[decision.members[merged]]], orig[merged])
             rows.append(torch.cat([valid_text, kept_slots]).sort().values)
             st.events.append(
                 StageEvent(stage.label, layer, b, n, int(keep.numel()), dict(decision.info))
