@@ -194,7 +194,8 @@ class Qwen3VLAdapter(QwenVLAdapterBase):
             dest = row_of[tgt[here]]
             vals = table[rank[b, src[here]].to(table.device)].float() * w[here, None].to(table.device)
             acc = torch.zeros(feats.shape, dtype=torch.float32, device=table.device).index_add_(0, dest.to(table.device), vals)
-            out[dest.unique()] = acc[dest.unique()].to(feats.dtype)
+            filled = dest.unique()
+            out[filled] = acc[filled].to(feats.dtype)
         return out
 
 

@@ -182,9 +182,8 @@ def test_token_accuracy_scores_the_cell_words():
     assert blind["background"] == 1.0 and blind["colour"] == 0.0 and blind["digit"] == 0.0
 
 
-def test_shared_rows_compute_each_question_as_if_asked_alone():
-    # Oracle: every block of a packed row has the logits that `encode` gives the same question alone
-    # (the model computes its own positions there), and the picture prefix is unchanged.
+def _tiny_model_and_questions():
+    """A small unit-gain model (eval mode), its processor, 2 training pictures and their packed questions."""
     cfg = train.TrainConfig(hidden=32, layers=2, intermediate=64, vision_width=16, vision_heads=2)
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(train.model_config(cfg)).eval()
@@ -192,6 +191,13 @@ def test_shared_rows_compute_each_question_as_if_asked_alone():
     processor = train.build_processor()
     ex = vqa.make_examples(2, seed=1, split="train")
     asked = [[(e.question, e.answer), *train.extra_questions(e, 0, per_type=2)] for e in ex]
+    return model, processor, ex, asked
+
+
+def test_shared_rows_compute_each_question_as_if_asked_alone():
+    # Oracle: every block of a packed row has the logits that `encode` gives the same question alone
+    # (the model computes its own positions there), and the picture prefix is unchanged.
+    model, processor, ex, asked = _tiny_model_and_questions()
     packed = train.encode_shared(processor, ex, asked)
     tok = processor.tokenizer
     with torch.no_grad():
@@ -306,13 +312,7 @@ def test_segment_loss_scores_the_merger_output_against_the_segment_labels():
 def test_eager_attention_with_the_additive_mask_computes_what_sdpa_computes_with_the_bool_mask():
     # Oracle for the bf16 path's mask: the same packed rows, fp32, through sdpa with the bool mask and
     # through eager with `_additive_mask`, give the same logits (a bool mask added as 0/1 would not).
-    cfg = train.TrainConfig(hidden=32, layers=2, intermediate=64, vision_width=16, vision_heads=2)
-    torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(train.model_config(cfg)).eval()
-    train.init_weights(model)
-    processor = train.build_processor()
-    ex = vqa.make_examples(2, seed=1, split="train")
-    asked = [[(e.question, e.answer), *train.extra_questions(e, 0, per_type=2)] for e in ex]
+    model, processor, ex, asked = _tiny_model_and_questions()
     packed = {k: v for k, v in train.encode_shared(processor, ex, asked).items() if k != "labels"}
     with torch.no_grad():
         ref = model(**packed).logits

@@ -54,6 +54,7 @@ tokenizer and the image processor, loadable with `load_checkpoint` or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -802,10 +803,7 @@ def _train(
             batch = encode(processor, examples, with_answer=True, extra=extra)
         if cfg.bf16:
             batch["attention_mask"] = _additive_mask(batch["attention_mask"])
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = _loss(model, batch, examples, processor, cfg.dense, cfg.balance, cfg.segments,
-                             segment_head)
-        else:
+        with torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext():
             loss = _loss(model, batch, examples, processor, cfg.dense, cfg.balance, cfg.segments, segment_head)
         opt.zero_grad(set_to_none=True)
         loss.backward()
